@@ -1,0 +1,7 @@
+//! pontoon: a CNI plugin for Kubernetes nodes: a Linux bridge, a veth pair per pod, an
+//! in-process host-local-compatible address pool, and per-network masquerade.
+
+pub mod cni;
+pub mod error;
+pub mod ipam;
+pub mod logging;

@@ -1,0 +1,3 @@
+fn main() {
+    eprintln!("pontoon: CNI plugin (work in progress)");
+}
