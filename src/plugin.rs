@@ -1,0 +1,529 @@
+//! The CNI verbs, composing the protocol, the address pool and the dataplane. The only place
+//! that knows the order of steps, and how each ADD step is undone when a later one fails.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use serde_json::Value;
+
+use crate::cni::result::{Interface, IpConfig, Route};
+use crate::cni::{self, CniResult, Command, Env, NetConf, Version};
+use crate::dataplane::{self, BridgeSpec, Netlink, PodSpec, RouteSpec};
+use crate::error::{Error, ErrorList, Result};
+use crate::ipam::{self, Owner, Pool};
+use crate::masquerade;
+use crate::netns::NetNs;
+
+/// Where a network's addresses come from.
+enum Ipam {
+    /// No `ipam`: an L2-only network.
+    None,
+    /// host-local, in-process.
+    Pool(Pool),
+    /// Another IPAM plugin, exec'ed from CNI_PATH.
+    Delegate(String),
+}
+
+impl Ipam {
+    fn from_conf(conf: &NetConf) -> Result<Ipam> {
+        match (conf.ipam_type(), &conf.raw.ipam) {
+            (None, _) | (_, None) => Ok(Ipam::None),
+            (Some(t), Some(v)) if ipam::IN_PROCESS_TYPES.contains(&t) => Ok(Ipam::Pool(
+                Pool::from_config(&conf.name, v, conf.raw.runtime_config.ip_ranges.as_ref())?,
+            )),
+            (Some(t), Some(_)) => Ok(Ipam::Delegate(t.to_string())),
+        }
+    }
+}
+
+/// The addresses, routes and DNS an attachment gets from IPAM.
+struct Addressing {
+    ips: Vec<(IpNetwork, Option<IpAddr>)>,
+    routes: Vec<Route>,
+    dns: cni::result::Dns,
+}
+
+/// Runs one CNI invocation; `Some(json)` is printed on stdout.
+pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>> {
+    if env.command == Command::Version {
+        let requested = cni::config::sniff_version(stdin).unwrap_or(cni::version::LATEST.into());
+        return Ok(Some(cni::result::version_reply(&requested)));
+    }
+    let conf = NetConf::parse(stdin)?;
+    match env.command {
+        Command::Add => add(env, &conf, stdin).map(Some),
+        Command::Del => del(env, &conf, stdin).map(|_| None),
+        Command::Check => {
+            require(conf.version.has_check(), &conf, "CHECK", "0.4.0")?;
+            check(env, &conf).map(|_| None)
+        }
+        Command::Gc => {
+            require(conf.version.has_gc_status(), &conf, "GC", "1.1.0")?;
+            gc(env, &conf, stdin).map(|_| None)
+        }
+        Command::Status => {
+            require(conf.version.has_gc_status(), &conf, "STATUS", "1.1.0")?;
+            status(env, &conf, stdin).map(|_| None)
+        }
+        Command::Version => unreachable!(),
+    }
+}
+
+fn require(ok: bool, conf: &NetConf, verb: &str, since: &str) -> Result<()> {
+    if ok {
+        return Ok(());
+    }
+    Err(Error::IncompatibleVersion {
+        version: conf.version.to_string(),
+        supported: format!("{verb} needs cniVersion {since} or later"),
+    })
+}
+
+fn owner(env: &Env) -> Owner {
+    Owner::new(&env.container_id, &env.ifname)
+}
+
+// ---------------------------------------------------------------------------------------------
+// ADD
+
+fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
+    let netns_path = env
+        .netns
+        .as_deref()
+        .ok_or_else(|| Error::env("CNI_NETNS", "is required for ADD"))?;
+    let netns = NetNs::open(netns_path)?.ok_or_else(|| {
+        Error::Netns(format!(
+            "network namespace {} does not exist",
+            netns_path.display()
+        ))
+    })?;
+    let mac = conf.requested_mac(env.args.mac.as_deref())?;
+    let requested = conf.requested_ips(&env.args.ips)?;
+    let ipam = Ipam::from_conf(conf)?;
+    if matches!(ipam, Ipam::None) && !requested.is_empty() {
+        return Err(Error::config(
+            "addresses were requested but the network has no `ipam`",
+        ));
+    }
+    let mut nl = Netlink::new()?;
+
+    // 1. Addresses. Everything after this is undone if a later step fails.
+    let addressing = allocate(&ipam, env, conf, stdin, &requested)?;
+    match attach(env, conf, &mut nl, &netns, mac, &addressing) {
+        Ok(result) => Ok(result.to_json(conf.version)),
+        Err(e) => {
+            let mut errs = ErrorList::default();
+            errs.check(dataplane::detach(
+                &mut nl,
+                &dataplane::host_veth_name(&env.container_id, &env.ifname),
+            ));
+            errs.check(release(&ipam, env, stdin));
+            if let Err(cleanup) = errs.into_result() {
+                log::error!("ADD failed and its cleanup failed too: {cleanup}");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn allocate(
+    ipam: &Ipam,
+    env: &Env,
+    conf: &NetConf,
+    stdin: &[u8],
+    requested: &[IpAddr],
+) -> Result<Addressing> {
+    match ipam {
+        Ipam::None => Ok(Addressing {
+            ips: vec![],
+            routes: vec![],
+            dns: Default::default(),
+        }),
+        Ipam::Pool(pool) => {
+            let got = pool.allocate(&owner(env), requested)?;
+            Ok(Addressing {
+                ips: got.iter().map(|a| (a.address, Some(a.gateway))).collect(),
+                routes: pool.routes.clone(),
+                dns: pool.dns.clone(),
+            })
+        }
+        Ipam::Delegate(t) => {
+            let r = ipam::delegate::add(t, env, stdin, conf.version)?;
+            if r.ips.is_empty() {
+                let _ = ipam::delegate::exec(t, "DEL", env, stdin);
+                return Err(Error::Delegate(
+                    format!("IPAM plugin {t} returned no IP addresses"),
+                    crate::error::code::DELEGATE,
+                ));
+            }
+            Ok(Addressing {
+                ips: r.ips.iter().map(|i| (i.address, i.gateway)).collect(),
+                routes: r.routes,
+                dns: r.dns,
+            })
+        }
+    }
+}
+
+fn release(ipam: &Ipam, env: &Env, stdin: &[u8]) -> Result<()> {
+    match ipam {
+        Ipam::None => Ok(()),
+        Ipam::Pool(pool) => pool.release(&owner(env)).map(|_| ()),
+        Ipam::Delegate(t) => ipam::delegate::exec(t, "DEL", env, stdin).map(|_| ()),
+    }
+}
+
+/// The pod's routes: IPAM's, plus a default route per family via the gateway when
+/// `isDefaultGateway`.
+fn pod_routes(conf: &NetConf, a: &Addressing) -> Result<Vec<Route>> {
+    let mut routes = a.routes.clone();
+    if conf.raw.is_default_gateway {
+        for (net, gw) in &a.ips {
+            let Some(gw) = gw else { continue };
+            let any: IpNetwork = if net.is_ipv4() {
+                "0.0.0.0/0".parse().unwrap()
+            } else {
+                "::/0".parse().unwrap()
+            };
+            match routes.iter().find(|r| r.dst == any) {
+                Some(r) if r.gw.is_some_and(|g| g != *gw) => {
+                    return Err(Error::config(format!(
+                        "isDefaultGateway conflicts with the IPAM default route via {}",
+                        r.gw.unwrap()
+                    )));
+                }
+                Some(_) => {}
+                None => routes.push(Route::new(any, Some(*gw))),
+            }
+        }
+    }
+    Ok(routes)
+}
+
+fn attach(
+    env: &Env,
+    conf: &NetConf,
+    nl: &mut Netlink,
+    netns: &NetNs,
+    mac: Option<[u8; 6]>,
+    a: &Addressing,
+) -> Result<CniResult> {
+    let gateways: Vec<IpNetwork> = if conf.is_gateway() {
+        a.ips
+            .iter()
+            .filter_map(|(net, gw)| gw.map(|g| IpNetwork::new(g, net.prefix()).unwrap()))
+            .collect()
+    } else {
+        vec![]
+    };
+    let bridge = dataplane::ensure_bridge(
+        nl,
+        &BridgeSpec {
+            name: conf.bridge_name(),
+            mtu: conf.raw.mtu,
+            promisc: conf.raw.promisc_mode,
+            gateways,
+            force_address: conf.raw.force_address,
+        },
+    )?;
+    if conf.is_gateway() {
+        dataplane::enable_forwarding(
+            a.ips.iter().any(|(n, _)| n.is_ipv4()),
+            a.ips.iter().any(|(n, _)| n.is_ipv6()),
+        )?;
+    }
+    if conf.raw.ip_masq {
+        masquerade::ensure_for_network(conf, &a.ips.iter().map(|(n, _)| *n).collect::<Vec<_>>())?;
+    }
+    let routes = pod_routes(conf, a)?;
+    let route_specs: Vec<RouteSpec> = routes
+        .iter()
+        .map(|r| RouteSpec {
+            dst: r.dst,
+            // A route without `gw` goes via the gateway of its family, as in the reference.
+            gw: r.gw.or_else(|| {
+                a.ips
+                    .iter()
+                    .find(|(n, _)| n.is_ipv4() == r.dst.is_ipv4())
+                    .and_then(|(_, g)| *g)
+            }),
+            oif: None,
+            priority: r.priority,
+            table: r.table,
+            scope: r.scope,
+            mtu: r.mtu,
+            advmss: r.advmss,
+        })
+        .collect();
+    let host_name = dataplane::host_veth_name(&env.container_id, &env.ifname);
+    let mtu = conf.raw.mtu.unwrap_or(bridge.mtu);
+    let att = dataplane::attach(
+        nl,
+        &bridge,
+        netns,
+        &host_name,
+        conf.raw.hairpin_mode,
+        &PodSpec {
+            ifname: &env.ifname,
+            mac,
+            addrs: a.ips.iter().map(|(n, _)| *n).collect(),
+            routes: route_specs,
+            dad: conf.raw.enabledad,
+            mtu,
+        },
+    )?;
+    let dns = match &conf.raw.dns {
+        Some(d) if !d.is_empty() => d.clone(),
+        _ => a.dns.clone(),
+    };
+    Ok(CniResult {
+        interfaces: vec![
+            Interface {
+                name: bridge.name.clone(),
+                mac: cni::config::format_mac(&bridge.mac),
+                ..Default::default()
+            },
+            Interface {
+                name: att.host.name.clone(),
+                mac: cni::config::format_mac(&att.host.mac),
+                mtu: Some(att.host.mtu),
+                ..Default::default()
+            },
+            Interface {
+                name: env.ifname.clone(),
+                mac: cni::config::format_mac(&att.pod.mac),
+                mtu: Some(att.pod.mtu),
+                sandbox: netns.path().display().to_string(),
+                ..Default::default()
+            },
+        ],
+        ips: a
+            .ips
+            .iter()
+            .map(|(net, gw)| IpConfig {
+                interface: Some(2),
+                address: *net,
+                gateway: *gw,
+            })
+            .collect(),
+        routes,
+        dns,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// DEL
+
+fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
+    let mut errs = ErrorList::default();
+    let host_name = dataplane::host_veth_name(&env.container_id, &env.ifname);
+    if let Some(mut nl) = errs.check(Netlink::new()) {
+        // The pair is found by its deterministic host name, with or without the pod netns.
+        let deleted = errs.check(dataplane::detach(&mut nl, &host_name));
+        if deleted == Some(false)
+            && let Some(path) = &env.netns
+        {
+            // Not ours by name (e.g. made by the reference bridge plugin): look in the pod.
+            match NetNs::open(path) {
+                Ok(Some(ns)) => {
+                    errs.check(dataplane::detach_in_pod(&ns, &env.ifname));
+                }
+                Ok(None) => {}
+                Err(e) => log::info!("DEL: ignoring unusable CNI_NETNS: {e}"),
+            }
+        }
+    }
+    // Decoding errors of the IPAM config still fail DEL: nothing could be released otherwise.
+    let ipam = Ipam::from_conf(conf)?;
+    errs.check(release(&ipam, env, stdin));
+    errs.into_result()
+}
+
+// ---------------------------------------------------------------------------------------------
+// CHECK
+
+fn check(env: &Env, conf: &NetConf) -> Result<()> {
+    let prev = conf
+        .prev_result()?
+        .ok_or_else(|| Error::config("CHECK needs `prevResult` (the ADD result)"))?;
+    let netns_path = env.netns.as_deref().unwrap();
+    let netns = NetNs::open(netns_path)?.ok_or_else(|| {
+        Error::CheckFailed(format!(
+            "network namespace {} is gone",
+            netns_path.display()
+        ))
+    })?;
+    let fail = |m: String| Err(Error::CheckFailed(m));
+
+    // Expected pod interface and addresses from prevResult.
+    let pod_idx = prev.interfaces.iter().position(|i| {
+        i.name == env.ifname && (i.sandbox.is_empty() || i.sandbox == netns_path.to_string_lossy())
+    });
+    let want_ips: Vec<IpNetwork> = prev
+        .ips
+        .iter()
+        .filter(|ip| ip.interface.is_none() || ip.interface == pod_idx)
+        .map(|ip| ip.address)
+        .collect();
+
+    // The pool must still hold them for this attachment.
+    if let Ipam::Pool(pool) = Ipam::from_conf(conf)? {
+        let store = pool.open()?;
+        let held = pool.held(&store, &owner(env))?.unwrap_or_default();
+        for ip in &want_ips {
+            if !held.contains(&ip.ip()) {
+                return fail(format!(
+                    "the address pool does not hold {} for {}",
+                    ip.ip(),
+                    owner(env)
+                ));
+            }
+        }
+    }
+
+    let mut nl = Netlink::new()?;
+    let Some(bridge) = nl.link_by_name(conf.bridge_name())? else {
+        return fail(format!("bridge {} is missing", conf.bridge_name()));
+    };
+    if bridge.kind.as_deref() != Some("bridge") {
+        return fail(format!("{} is not a bridge", conf.bridge_name()));
+    }
+    let host_name = dataplane::host_veth_name(&env.container_id, &env.ifname);
+    let Some(host) = nl.link_by_name(&host_name)? else {
+        return fail(format!("host veth {host_name} is missing"));
+    };
+    if host.master != Some(bridge.index) {
+        return fail(format!(
+            "host veth {host_name} is not on bridge {}",
+            bridge.name
+        ));
+    }
+    let mut pod_nl = netns.run(Netlink::new)?;
+    let Some(pod) = pod_nl.link_by_name(&env.ifname)? else {
+        return fail(format!(
+            "interface {} is missing in {}",
+            env.ifname,
+            netns_path.display()
+        ));
+    };
+    if pod.kind.as_deref() != Some("veth") {
+        return fail(format!("{} is not a veth", env.ifname));
+    }
+    if host.peer_index != Some(pod.index) {
+        return fail(format!("{} is not the peer of {host_name}", env.ifname));
+    }
+    if let Some(i) = pod_idx
+        && !prev.interfaces[i].mac.is_empty()
+        && !prev.interfaces[i]
+            .mac
+            .eq_ignore_ascii_case(&cni::config::format_mac(&pod.mac))
+    {
+        return fail(format!(
+            "{} has MAC {}, the ADD result says {}",
+            env.ifname,
+            cni::config::format_mac(&pod.mac),
+            prev.interfaces[i].mac
+        ));
+    }
+    let have = pod_nl.addrs(pod.index, None)?;
+    for ip in &want_ips {
+        if !have
+            .iter()
+            .any(|a| a.net.ip() == ip.ip() && a.net.prefix() == ip.prefix())
+        {
+            return fail(format!("address {ip} is missing on {}", env.ifname));
+        }
+    }
+    for v4 in [true, false] {
+        let wanted: Vec<&Route> = prev
+            .routes
+            .iter()
+            .filter(|r| r.dst.is_ipv4() == v4)
+            .collect();
+        if wanted.is_empty() {
+            continue;
+        }
+        let routes = pod_nl.routes(v4)?;
+        for r in wanted {
+            let found = routes.iter().any(|x| {
+                x.dst == IpNetwork::new(r.dst.network(), r.dst.prefix()).unwrap()
+                    && (r.gw.is_none() || x.gw == r.gw)
+            });
+            if !found {
+                return fail(format!(
+                    "route {}{} is missing in the pod",
+                    r.dst,
+                    r.gw.map(|g| format!(" via {g}")).unwrap_or_default()
+                ));
+            }
+        }
+    }
+    if conf.raw.ip_masq {
+        masquerade::check_for_network(conf, &want_ips)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// GC and STATUS
+
+fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
+    let Some(valid) = conf.valid_attachments() else {
+        return Err(Error::config(
+            "GC needs `cni.dev/valid-attachments` (an empty list releases everything)",
+        ));
+    };
+    let valid: HashSet<Owner> = valid
+        .iter()
+        .map(|a| Owner::new(&a.container_id, &a.ifname))
+        .collect();
+    let mut errs = ErrorList::default();
+    match Ipam::from_conf(conf)? {
+        Ipam::Pool(pool) => {
+            if let Some(gone) = errs.check(pool.gc(&valid)) {
+                for (o, ip) in &gone {
+                    log::info!("GC released {ip} of {o}");
+                }
+            }
+        }
+        Ipam::Delegate(t) => {
+            errs.check(ipam::delegate::exec(&t, "GC", env, stdin));
+        }
+        Ipam::None => {}
+    }
+    // Our veths on this bridge that belong to no valid attachment are leftovers.
+    if let Some(mut nl) = errs.check(Netlink::new())
+        && let Some(Some(br)) = errs.check(nl.link_by_name(conf.bridge_name()))
+    {
+        let keep: HashSet<String> = valid
+            .iter()
+            .map(|o| dataplane::host_veth_name(&o.container_id, &o.ifname))
+            .collect();
+        if let Some(ports) = errs.check(nl.links()) {
+            for l in ports {
+                if l.master == Some(br.index)
+                    && l.name.starts_with("pon")
+                    && !keep.contains(&l.name)
+                {
+                    log::info!("GC removes leftover veth {}", l.name);
+                    errs.check(nl.del_link_by_name(&l.name));
+                }
+            }
+        }
+    }
+    errs.into_result()
+}
+
+fn status(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
+    match Ipam::from_conf(conf)? {
+        Ipam::Pool(pool) => pool.status(),
+        Ipam::Delegate(t) => ipam::delegate::exec(&t, "STATUS", env, stdin).map(|_| ()),
+        Ipam::None => Ok(()),
+    }
+}
+
+/// The spec version to print errors in: the config's when it is readable.
+pub fn reply_version(stdin: &[u8]) -> String {
+    cni::config::sniff_version(stdin).unwrap_or_else(|| Version::V1_1_0.as_str().to_string())
+}

@@ -1,0 +1,313 @@
+//! Test harness: throwaway "node" network namespaces with pod namespaces, the pontoon binary run
+//! exactly as a runtime runs it (env + stdin), and cleanup that also happens when a test fails.
+//! Nothing here touches the machine's own network namespace.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_pontoon");
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Fails loudly under CI when not root; elsewhere returns false so the test can skip.
+pub fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false") {
+        panic!("this test needs root (network namespaces) and CI is set: run the suite as root");
+    }
+    eprintln!("skipping: needs root");
+    false
+}
+
+fn sh(cmd: &mut Command) -> Output {
+    cmd.output().expect("spawn")
+}
+
+pub fn run_ok(args: &[&str]) -> String {
+    let out = sh(Command::new(args[0]).args(&args[1..]));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The links of the machine's own namespace (to prove tests never touch it).
+pub fn root_links() -> Vec<String> {
+    let s = run_ok(&["ip", "-o", "link", "show"]);
+    let mut v: Vec<String> = s
+        .lines()
+        .filter_map(|l| l.split(':').nth(1).map(|n| n.trim().to_string()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// A throwaway node: a network namespace standing in for a kubelet node, with a state dir.
+pub struct Node {
+    pub name: String,
+    pub dir: PathBuf,
+    pods: Vec<String>,
+    root_before: Vec<String>,
+}
+
+impl Node {
+    pub fn new(tag: &str) -> Node {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("pt{}-{}-{n}", std::process::id(), &tag[..tag.len().min(6)]);
+        let dir = std::env::temp_dir().join(format!("pontoon-test-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let root_before = root_links();
+        run_ok(&["ip", "netns", "add", &name]);
+        run_ok(&[
+            "ip", "netns", "exec", &name, "ip", "link", "set", "lo", "up",
+        ]);
+        Node {
+            name,
+            dir,
+            pods: vec![],
+            root_before,
+        }
+    }
+
+    /// Creates a pod namespace and returns its path (as a runtime passes it in CNI_NETNS).
+    pub fn pod(&mut self, tag: &str) -> String {
+        let name = format!("{}-{tag}", self.name);
+        run_ok(&["ip", "netns", "add", &name]);
+        self.pods.push(name.clone());
+        format!("/var/run/netns/{name}")
+    }
+
+    pub fn del_pod(&mut self, path: &str) {
+        let name = Path::new(path)
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        run_ok(&["ip", "netns", "del", &name]);
+        self.pods.retain(|p| p != &name);
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("ipam")
+    }
+
+    /// A conflist entry as a runtime would pass it, with the state under this node's dir.
+    pub fn conf(&self, version: &str, ipam_ranges: Value, extra: Value) -> Value {
+        let mut c = json!({
+            "cniVersion": version,
+            "name": "testnet",
+            "type": "pontoon",
+            "bridge": "cni0",
+            "isGateway": true,
+            "isDefaultGateway": true,
+            "ipam": {"type": "host-local", "ranges": ipam_ranges, "dataDir": self.data_dir()},
+        });
+        if let Value::Object(m) = extra {
+            for (k, v) in m {
+                c[k] = v;
+            }
+        }
+        c
+    }
+
+    /// Runs the plugin inside the node namespace as a runtime would.
+    pub fn cni(&self, cmd: &str, cid: &str, netns: &str, ifname: &str, conf: &Value) -> Reply {
+        self.cni_env(
+            cmd,
+            &[
+                ("CNI_CONTAINERID", cid),
+                ("CNI_NETNS", netns),
+                ("CNI_IFNAME", ifname),
+            ],
+            conf.to_string().as_bytes(),
+        )
+    }
+
+    pub fn cni_env(&self, cmd: &str, env: &[(&str, &str)], stdin: &[u8]) -> Reply {
+        use std::io::Write;
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, BIN])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_COMMAND", cmd)
+            .env("CNI_PATH", "/usr/lib/cni")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().expect("spawn pontoon");
+        let _ = child.stdin.take().unwrap().write_all(stdin);
+        let out = child.wait_with_output().unwrap();
+        Reply {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs a command inside the node namespace.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let mut full = vec!["netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(Command::new("ip").args(&full))
+    }
+
+    /// Runs a command inside a pod namespace (by CNI_NETNS path).
+    pub fn in_pod(&self, netns: &str, args: &[&str]) -> Output {
+        let name = Path::new(netns).file_name().unwrap().to_str().unwrap();
+        let mut full = vec!["netns", "exec", name];
+        full.extend_from_slice(args);
+        sh(Command::new("ip").args(&full))
+    }
+
+    pub fn in_pod_ok(&self, netns: &str, args: &[&str]) -> String {
+        let o = self.in_pod(netns, args);
+        assert!(
+            o.status.success(),
+            "{args:?} in {netns}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn node_ok(&self, args: &[&str]) -> String {
+        let o = self.exec(args);
+        assert!(
+            o.status.success(),
+            "{args:?} in node: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Link names in the node namespace.
+    pub fn links(&self) -> Vec<String> {
+        self.node_ok(&["ip", "-o", "link", "show"])
+            .lines()
+            .filter_map(|l| {
+                l.split(':')
+                    .nth(1)
+                    .map(|n| n.trim().split('@').next().unwrap().to_string())
+            })
+            .collect()
+    }
+
+    pub fn veths(&self) -> Vec<String> {
+        self.links()
+            .into_iter()
+            .filter(|l| l.starts_with("pon"))
+            .collect()
+    }
+
+    /// Addresses allocated in the pool of `network`.
+    pub fn allocations(&self, network: &str) -> Vec<String> {
+        let d = self.data_dir().join(network);
+        let mut v: Vec<String> = std::fs::read_dir(&d)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    pub fn ping(&self, netns: &str, ip: &str) -> bool {
+        let o = self.in_pod(netns, &["ping", "-c", "1", "-W", "2", ip]);
+        o.status.success()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for p in self.pods.drain(..) {
+            let _ = Command::new("ip").args(["netns", "del", &p]).output();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if !std::thread::panicking() {
+            assert_eq!(
+                root_links(),
+                self.root_before,
+                "the machine's root netns links changed"
+            );
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Reply {
+    pub fn ok(&self) -> Value {
+        assert_eq!(
+            self.code, 0,
+            "expected success: stdout={} stderr={}",
+            self.stdout, self.stderr
+        );
+        if self.stdout.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&self.stdout).expect("stdout is JSON")
+        }
+    }
+
+    /// Asserts a CNI error with `code` and returns its message.
+    pub fn err(&self, code: u64) -> String {
+        assert_ne!(self.code, 0, "expected failure, got {}", self.stdout);
+        let v: Value = serde_json::from_str(&self.stdout).unwrap_or_else(|_| {
+            panic!(
+                "error is not JSON on stdout: {:?} (stderr {})",
+                self.stdout, self.stderr
+            )
+        });
+        assert_eq!(v["code"], code, "wrong code: {v}");
+        v["msg"].as_str().unwrap().to_string()
+    }
+}
+
+/// `ip` (address without prefix) of the pod interface from an ADD result.
+pub fn result_ips(r: &Value) -> Vec<String> {
+    r["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            i["address"]
+                .as_str()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+pub fn v4() -> Value {
+    json!([[{"subnet": "10.88.0.0/24"}]])
+}
+
+pub fn dual() -> Value {
+    json!([[{"subnet": "10.88.0.0/24"}], [{"subnet": "fd88::/64"}]])
+}

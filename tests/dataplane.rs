@@ -1,0 +1,352 @@
+//! The pod network for real: the built binary run as a runtime runs it, inside throwaway node
+//! and pod namespaces; assertions on kernel state and on traffic between the namespaces.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+#[test]
+fn add_for_every_version_has_the_right_shape_and_state() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new("ver");
+    for (i, v) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+        .iter()
+        .enumerate()
+    {
+        let ns = node.pod(&format!("p{i}"));
+        let cid = format!("ctr-{i}");
+        let conf = node.conf(v, dual(), json!({"mtu": 1400}));
+        let r = node.cni("ADD", &cid, &ns, "eth0", &conf).ok();
+        assert_eq!(r["cniVersion"], *v);
+        let ifs = r["interfaces"].as_array().unwrap();
+        assert_eq!(ifs.len(), 3);
+        assert_eq!(ifs[0]["name"], "cni0");
+        assert!(ifs[1]["name"].as_str().unwrap().starts_with("pon"));
+        assert_eq!(ifs[2]["name"], "eth0");
+        assert_eq!(ifs[2]["sandbox"], ns.as_str());
+        let ips = r["ips"].as_array().unwrap();
+        assert_eq!(ips.len(), 2);
+        for ip in ips {
+            assert_eq!(ip["interface"], 2, "containerd needs the eth0 index");
+            let has_version = ip.get("version").is_some();
+            assert_eq!(has_version, v.starts_with('0'), "{v}: {ip}");
+        }
+        if *v == "1.1.0" {
+            assert_eq!(ifs[2]["mtu"], 1400);
+        } else {
+            assert!(ifs[2].get("mtu").is_none());
+        }
+        // Real state in the pod: addresses, MTU, default routes.
+        let addrs = node.in_pod_ok(&ns, &["ip", "-o", "addr", "show", "dev", "eth0"]);
+        for ip in result_ips(&r) {
+            assert!(addrs.contains(&ip), "{ip} not on eth0: {addrs}");
+        }
+        assert!(
+            node.in_pod_ok(&ns, &["ip", "link", "show", "eth0"])
+                .contains("mtu 1400")
+        );
+        assert!(
+            node.in_pod_ok(&ns, &["ip", "route"])
+                .contains("default via 10.88.0.1 dev eth0")
+        );
+        assert!(
+            node.in_pod_ok(&ns, &["ip", "-6", "route"])
+                .contains("default via fd88::1 dev eth0")
+        );
+        assert!(
+            node.in_pod_ok(&ns, &["ip", "link", "show", "lo"])
+                .contains("UP")
+        );
+        // The bridge holds the gateways; the host end is on it.
+        let br = node.node_ok(&["ip", "-o", "addr", "show", "dev", "cni0"]);
+        assert!(
+            br.contains("10.88.0.1/24") && br.contains("fd88::1/64"),
+            "{br}"
+        );
+        let host = ifs[1]["name"].as_str().unwrap();
+        assert!(
+            node.node_ok(&["ip", "link", "show", host])
+                .contains("master cni0")
+        );
+        // DEL removes link and allocation.
+        node.cni("DEL", &cid, &ns, "eth0", &conf).ok();
+        assert!(!node.links().contains(&host.to_string()));
+        assert!(
+            node.in_pod(&ns, &["ip", "link", "show", "eth0"])
+                .status
+                .code()
+                != Some(0)
+        );
+    }
+    assert!(node.allocations("testnet").is_empty());
+    assert!(node.veths().is_empty());
+}
+
+#[test]
+fn pods_reach_each_other_the_gateway_and_over_ipv6() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new("ping");
+    let conf = node.conf("1.0.0", dual(), json!({}));
+    let a = node.pod("a");
+    let b = node.pod("b");
+    let ra = node.cni("ADD", "a", &a, "eth0", &conf).ok();
+    let rb = node.cni("ADD", "b", &b, "eth0", &conf).ok();
+    let ia = result_ips(&ra);
+    let ib = result_ips(&rb);
+    assert_ne!(ia, ib);
+    // The very first packet after ADD must get through (no warm-up ping).
+    assert!(node.ping(&a, &ib[0]), "a -> b v4");
+    assert!(node.ping(&b, &ia[0]), "b -> a v4");
+    assert!(node.ping(&a, "10.88.0.1"), "a -> gateway");
+    assert!(node.ping(&a, &ib[1]), "a -> b v6");
+    assert!(node.ping(&b, "fd88::1"), "b -> v6 gateway");
+    // The node reaches the pod through the bridge.
+    assert!(
+        node.exec(&["ping", "-c", "1", "-W", "2", &ia[0]])
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn check_passes_when_healthy_and_names_what_is_missing() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new("check");
+    let ns = node.pod("p");
+    let mut conf = node.conf("1.0.0", v4(), json!({}));
+    let r = node.cni("ADD", "c1", &ns, "eth0", &conf).ok();
+    conf["prevResult"] = r.clone();
+    node.cni("CHECK", "c1", &ns, "eth0", &conf).ok();
+    let ip = r["ips"][0]["address"].as_str().unwrap();
+    node.in_pod_ok(&ns, &["ip", "addr", "del", ip, "dev", "eth0"]);
+    let msg = node.cni("CHECK", "c1", &ns, "eth0", &conf).err(105);
+    assert!(msg.contains(ip), "{msg}");
+    node.in_pod_ok(&ns, &["ip", "link", "del", "eth0"]);
+    let msg = node.cni("CHECK", "c1", &ns, "eth0", &conf).err(105);
+    assert!(msg.contains("missing"), "{msg}");
+    // CHECK without prevResult is a config error; on 0.3.1 CHECK does not exist.
+    let plain = node.conf("1.0.0", v4(), json!({}));
+    node.cni("CHECK", "c1", &ns, "eth0", &plain).err(7);
+    let old = node.conf("0.3.1", v4(), json!({}));
+    node.cni("CHECK", "c1", &ns, "eth0", &old).err(1);
+}
+
+#[test]
+fn del_is_idempotent_and_needs_no_netns() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new("del");
+    let conf = node.conf("1.0.0", v4(), json!({}));
+    // DEL without ADD.
+    node.cni("DEL", "never", "", "eth0", &conf).ok();
+    // DEL twice with the netns, then with an empty one (containerd's habit).
+    let ns = node.pod("p");
+    node.cni("ADD", "c1", &ns, "eth0", &conf).ok();
+    node.cni("DEL", "c1", &ns, "eth0", &conf).ok();
+    node.cni("DEL", "c1", &ns, "eth0", &conf).ok();
+    node.cni("DEL", "c1", "", "eth0", &conf).ok();
+    assert!(node.allocations("testnet").is_empty());
+    // DEL after the netns is gone (node reboot, sandbox torn down): the veth goes with the
+    // netns; DEL still releases the address.
+    let ns2 = node.pod("q");
+    node.cni("ADD", "c2", &ns2, "eth0", &conf).ok();
+    assert_eq!(node.allocations("testnet").len(), 1);
+    node.del_pod(&ns2);
+    node.cni("DEL", "c2", &ns2, "eth0", &conf).ok();
+    node.cni("DEL", "c2", "", "eth0", &conf).ok();
+    assert!(node.allocations("testnet").is_empty());
+    assert!(node.veths().is_empty());
+    // DEL with a netns path that is not a netns still succeeds.
+    let file = node.dir.join("not-a-netns");
+    std::fs::write(&file, "").unwrap();
+    node.cni("DEL", "c3", file.to_str().unwrap(), "eth0", &conf)
+        .ok();
+    // The bridge stays.
+    assert!(node.links().contains(&"cni0".to_string()));
+}
+
+#[test]
+fn parallel_adds_get_distinct_reachable_addresses() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new("par");
+    let conf = node.conf("1.0.0", v4(), json!({}));
+    let pods: Vec<String> = (0..32).map(|i| node.pod(&format!("p{i}"))).collect();
+    let results: Vec<Value> = std::thread::scope(|s| {
+        let hs: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let node = &node;
+                let conf = &conf;
+                s.spawn(move || node.cni("ADD", &format!("c{i}"), ns, "eth0", conf).ok())
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ips: Vec<String> = results.iter().map(|r| result_ips(r)[0].clone()).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 32, "duplicate addresses handed out");
+    assert_eq!(node.allocations("testnet").len(), 32);
+    assert_eq!(node.veths().len(), 32);
+    for ip in &ips {
+        assert!(
+            node.ping(&pods[0], ip) || ip == &result_ips(&results[0])[0],
+            "{ip} unreachable"
+        );
+    }
+    // And all go away in parallel too.
+    std::thread::scope(|s| {
+        for (i, ns) in pods.iter().enumerate() {
+            let node = &node;
+            let conf = &conf;
+            s.spawn(move || node.cni("DEL", &format!("c{i}"), ns, "eth0", conf).ok());
+        }
+    });
+    assert!(node.allocations("testnet").is_empty());
+    assert!(node.veths().is_empty());
+}
+
+#[test]
+fn failed_adds_leave_nothing_behind() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new("fail");
+    // A /29 pool has 5 addresses (gateway excluded).
+    let conf = node.conf("1.0.0", json!([[{"subnet": "10.99.0.0/29"}]]), json!({}));
+    for i in 0..5 {
+        let ns = node.pod(&format!("p{i}"));
+        node.cni("ADD", &format!("c{i}"), &ns, "eth0", &conf).ok();
+    }
+    let ns = node.pod("full");
+    let msg = node.cni("ADD", "c-full", &ns, "eth0", &conf).err(100);
+    assert!(msg.contains("no free address"), "{msg}");
+    assert_eq!(node.allocations("testnet").len(), 5);
+    assert_eq!(node.veths().len(), 5);
+    // CNI_IFNAME already taken inside the pod: error, no address held, no veth left.
+    node.cni("DEL", "c0", "", "eth0", &conf).ok();
+    let clash = node.pod("clash");
+    node.in_pod_ok(
+        &clash,
+        &[
+            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "x0",
+        ],
+    );
+    let msg = node.cni("ADD", "c-clash", &clash, "eth0", &conf).err(102);
+    assert!(msg.contains("already exists"), "{msg}");
+    assert_eq!(node.allocations("testnet").len(), 4);
+    assert_eq!(node.veths().len(), 4);
+    // The bridge name taken by a non-bridge link: config error, nothing allocated.
+    node.node_ok(&[
+        "ip", "link", "add", "notabr", "type", "veth", "peer", "name", "notabr1",
+    ]);
+    let bad = node.conf(
+        "1.0.0",
+        json!([[{"subnet": "10.98.0.0/24"}]]),
+        json!({"bridge": "notabr", "name": "other"}),
+    );
+    let ns2 = node.pod("nb");
+    let msg = node.cni("ADD", "c-nb", &ns2, "eth0", &bad).err(7);
+    assert!(msg.contains("not a bridge"), "{msg}");
+    assert!(node.allocations("other").is_empty());
+    // A netns path that is not a netns.
+    let file = node.dir.join("plain-file");
+    std::fs::write(&file, "").unwrap();
+    node.cni("ADD", "c-file", file.to_str().unwrap(), "eth0", &conf)
+        .err(103);
+    assert_eq!(node.allocations("testnet").len(), 4);
+}
+
+#[test]
+fn repeated_add_returns_the_same_addresses() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new("readd");
+    let conf = node.conf("1.0.0", v4(), json!({}));
+    let ns = node.pod("p");
+    let a = node.cni("ADD", "c1", &ns, "eth0", &conf).ok();
+    let b = node.cni("ADD", "c1", &ns, "eth0", &conf).ok();
+    assert_eq!(result_ips(&a), result_ips(&b));
+    assert_eq!(node.veths().len(), 1);
+    let other = node.pod("o");
+    let c = node.cni("ADD", "c2", &other, "eth0", &conf).ok();
+    assert!(node.ping(&other, &result_ips(&b)[0]));
+    let _ = c;
+}
+
+#[test]
+fn requested_ip_and_mac_are_honoured() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new("req");
+    let conf = node.conf(
+        "1.0.0",
+        v4(),
+        json!({"runtimeConfig": {"ips": ["10.88.0.77/24"], "mac": "0a:58:0a:58:00:4d"}}),
+    );
+    let ns = node.pod("p");
+    let r = node.cni("ADD", "c1", &ns, "eth0", &conf).ok();
+    assert_eq!(result_ips(&r), ["10.88.0.77"]);
+    assert_eq!(r["interfaces"][2]["mac"], "0a:58:0a:58:00:4d");
+    assert!(
+        node.in_pod_ok(&ns, &["ip", "link", "show", "eth0"])
+            .contains("0a:58:0a:58:00:4d")
+    );
+    // The same address for another pod is refused with a clear error.
+    let ns2 = node.pod("q");
+    let msg = node
+        .cni_env(
+            "ADD",
+            &[
+                ("CNI_CONTAINERID", "c2"),
+                ("CNI_NETNS", &ns2),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_ARGS", "IgnoreUnknown=1;IP=10.88.0.77"),
+            ],
+            node.conf("1.0.0", v4(), json!({})).to_string().as_bytes(),
+        )
+        .err(101);
+    assert!(msg.contains("10.88.0.77"), "{msg}");
+    assert_eq!(node.veths().len(), 1);
+}
+
+#[test]
+fn gc_releases_stale_attachments_and_status_reports_exhaustion() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new("gc");
+    let conf = node.conf("1.1.0", json!([[{"subnet": "10.99.0.0/29"}]]), json!({}));
+    let mut nss = vec![];
+    for i in 0..5 {
+        let ns = node.pod(&format!("p{i}"));
+        node.cni("ADD", &format!("c{i}"), &ns, "eth0", &conf).ok();
+        nss.push(ns);
+    }
+    let status = node.cni_env("STATUS", &[], conf.to_string().as_bytes());
+    assert!(status.err(50).contains("exhausted"));
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "c1", "ifname": "eth0"}]);
+    node.cni_env("GC", &[], gc.to_string().as_bytes()).ok();
+    assert_eq!(node.allocations("testnet").len(), 1);
+    assert_eq!(node.veths().len(), 1);
+    node.cni_env("STATUS", &[], conf.to_string().as_bytes())
+        .ok();
+    assert!(
+        node.ping(&nss[1], "10.99.0.1"),
+        "the valid pod keeps working"
+    );
+}
