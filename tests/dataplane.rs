@@ -350,3 +350,30 @@ fn gc_releases_stale_attachments_and_status_reports_exhaustion() {
         "the valid pod keeps working"
     );
 }
+
+#[test]
+fn a_recycled_address_is_announced_with_the_new_mac() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new("garp");
+    let conf = node.conf("1.0.0", v4(), json!({}));
+    // Another pod keeps the bridge up (with no port left the kernel flushes its neighbours).
+    let keep = node.pod("keep");
+    node.cni("ADD", "keep", &keep, "eth0", &conf).ok();
+    let old = node.pod("old");
+    let mut req = conf.clone();
+    req["runtimeConfig"] = json!({"ips": ["10.88.0.50"]});
+    node.cni("ADD", "old", &old, "eth0", &req).ok();
+    node.node_ok(&["ping", "-c", "1", "-W", "2", "10.88.0.50"]);
+    node.cni("DEL", "old", &old, "eth0", &conf).ok();
+    let new = node.pod("new");
+    let r = node.cni("ADD", "new", &new, "eth0", &req).ok();
+    let mac = r["interfaces"][2]["mac"].as_str().unwrap().to_string();
+    // Right after ADD, before any traffic: the node's entry already has the new MAC.
+    let neigh = node.node_ok(&["ip", "neigh", "show", "10.88.0.50"]);
+    assert!(
+        neigh.contains(&mac),
+        "node still caches the old MAC: {neigh} (new {mac})"
+    );
+}
