@@ -88,6 +88,15 @@ fn owner(env: &Env) -> Owner {
 // ADD
 
 fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
+    // Validate every input before anything is touched.
+    let mac = conf.requested_mac(env.args.mac.as_deref())?;
+    let requested = conf.requested_ips(&env.args.ips)?;
+    let ipam = Ipam::from_conf(conf)?;
+    if matches!(ipam, Ipam::None) && !requested.is_empty() {
+        return Err(Error::config(
+            "addresses were requested but the network has no `ipam`",
+        ));
+    }
     let netns_path = env
         .netns
         .as_deref()
@@ -98,14 +107,6 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
             netns_path.display()
         ))
     })?;
-    let mac = conf.requested_mac(env.args.mac.as_deref())?;
-    let requested = conf.requested_ips(&env.args.ips)?;
-    let ipam = Ipam::from_conf(conf)?;
-    if matches!(ipam, Ipam::None) && !requested.is_empty() {
-        return Err(Error::config(
-            "addresses were requested but the network has no `ipam`",
-        ));
-    }
     let mut nl = Netlink::new()?;
 
     // 1. Addresses. Everything after this is undone if a later step fails.
