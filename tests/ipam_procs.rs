@@ -73,7 +73,7 @@ fn worker() {
             for i in 0.. {
                 let o = Owner::new(&format!("w{id}-{}", i % n), "eth0");
                 let _ = p.allocate(&o, &[]);
-                if i % 3 == 0 {
+                if i.is_multiple_of(3) {
                     let _ = p.release(&o);
                 }
             }
@@ -112,7 +112,7 @@ fn many_processes_never_share_an_address_and_release_exactly_their_own() {
     for (ip, owner) in &owner_of {
         let i: usize = owner.rsplit('-').next().unwrap().parse().unwrap();
         let file = netdir.join(ip.to_string());
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             assert_eq!(
                 std::fs::read_to_string(&file).unwrap(),
                 format!("{owner}\r\neth0")
