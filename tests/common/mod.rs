@@ -311,3 +311,161 @@ pub fn v4() -> Value {
 pub fn dual() -> Value {
     json!([[{"subnet": "10.88.0.0/24"}], [{"subnet": "fd88::/64"}]])
 }
+
+/// A TCP server in a namespace that answers each connection with the peer address it sees.
+pub struct EchoServer(std::process::Child);
+
+impl EchoServer {
+    /// Listens on `addrs` (port 8080) inside namespace `ns` (a name under /var/run/netns).
+    pub fn start(ns: &str, addrs: &[&str]) -> EchoServer {
+        let list = addrs
+            .iter()
+            .map(|a| format!("{a:?}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let code = format!(
+            r#"
+import socket, threading, sys
+def serve(addr):
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, 8080)); s.listen(64)
+    while True:
+        c, peer = s.accept(); c.sendall((peer[0] + "\n").encode()); c.close()
+ts = [threading.Thread(target=serve, args=(a,), daemon=True) for a in [{list}]]
+[t.start() for t in ts]
+print("ready", flush=True)
+[t.join() for t in ts]
+"#
+        );
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "python3", "-c", &code])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start echo server");
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "echo server did not start");
+        EchoServer(child)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Connects from namespace `ns` (a CNI_NETNS path or a name) to `addr`:8080 and returns the
+/// peer address the server reported.
+pub fn whoami(ns: &str, addr: &str) -> String {
+    let name = Path::new(ns).file_name().unwrap().to_str().unwrap();
+    let code = format!(
+        "import socket; s=socket.create_connection(({addr:?},8080),3); print(s.recv(100).decode().strip())"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", name, "python3", "-c", &code])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "connect {addr} from {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl Node {
+    /// An "outside" host joined to the node by a veth on documentation subnets (192.0.2.0/24,
+    /// 2001:db8::/64), which is the node's default gateway. Returns its namespace name.
+    pub fn add_outside(&mut self) -> String {
+        let out = format!("{}-out", self.name);
+        run_ok(&["ip", "netns", "add", &out]);
+        self.pods.push(out.clone());
+        let n = self.name.clone();
+        run_ok(&[
+            "ip", "-n", &n, "link", "add", "uplink", "type", "veth", "peer", "name", "eth0",
+            "netns", &out,
+        ]);
+        run_ok(&[
+            "ip",
+            "-n",
+            &n,
+            "addr",
+            "add",
+            "192.0.2.1/24",
+            "dev",
+            "uplink",
+        ]);
+        run_ok(&[
+            "ip",
+            "-n",
+            &n,
+            "addr",
+            "add",
+            "2001:db8::1/64",
+            "dev",
+            "uplink",
+            "nodad",
+        ]);
+        run_ok(&[
+            "ip",
+            "-n",
+            &out,
+            "addr",
+            "add",
+            "192.0.2.2/24",
+            "dev",
+            "eth0",
+        ]);
+        run_ok(&[
+            "ip",
+            "-n",
+            &out,
+            "addr",
+            "add",
+            "2001:db8::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        run_ok(&["ip", "-n", &n, "link", "set", "uplink", "up"]);
+        run_ok(&["ip", "-n", &out, "link", "set", "eth0", "up"]);
+        run_ok(&["ip", "-n", &out, "link", "set", "lo", "up"]);
+        run_ok(&[
+            "ip",
+            "-n",
+            &n,
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.0.2.2",
+        ]);
+        run_ok(&[
+            "ip",
+            "-n",
+            &n,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "2001:db8::2",
+        ]);
+        out
+    }
+
+    /// Runs the operator CLI inside the node namespace.
+    pub fn pontoon(&self, args: &[&str]) -> Output {
+        let mut full = vec!["netns", "exec", &self.name, BIN];
+        full.extend_from_slice(args);
+        sh(Command::new("ip").args(&full))
+    }
+}
