@@ -8,8 +8,11 @@ use clap::{Parser, Subcommand};
 use ipnetwork::IpNetwork;
 use serde::Deserialize;
 
-use crate::cni::{self, Env};
+use std::path::PathBuf;
+
+use crate::cni::{self, Env, NetConf};
 use crate::error::{Error, Result};
+use crate::ipam::Pool;
 use crate::masquerade::{self, RuleSet};
 use crate::{logging, plugin};
 
@@ -107,8 +110,33 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[derive(clap::Args)]
+struct ConfArgs {
+    /// Directory of CNI network configurations to read pontoon networks from.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    conf_dir: PathBuf,
+    /// Read these conflist/conf files instead of --conf-dir.
+    #[arg(long)]
+    conf: Vec<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Per pontoon network: pool size, used, free, stale, and every allocation with its owner,
+    /// host veth and state.
+    Status {
+        #[command(flatten)]
+        confs: ConfArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reclaim stale allocations: those whose pontoon veth is gone and that no ADD is making.
+    /// Allocations pontoon did not make (inherited from host-local) are never touched.
+    Gc {
+        #[command(flatten)]
+        confs: ConfArgs,
+    },
     /// Egress SNAT rules for a pod network (one rule set per network, v4 and v6).
     Masquerade {
         #[command(subcommand)]
@@ -166,8 +194,130 @@ pub fn operator_main() -> i32 {
     }
 }
 
+/// The pontoon networks (with in-process IPAM) configured in `confs`.
+fn load_pools(confs: &ConfArgs) -> Result<Vec<Pool>> {
+    let files: Vec<PathBuf> = if confs.conf.is_empty() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&confs.conf_dir)
+            .map_err(|e| Error::io(format!("cannot read {}", confs.conf_dir.display()), e))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("conflist" | "conf" | "json")
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    } else {
+        confs.conf.clone()
+    };
+    let mut pools = Vec::new();
+    for f in files {
+        let text =
+            std::fs::read(&f).map_err(|e| Error::io(format!("cannot read {}", f.display()), e))?;
+        let v: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| Error::Decode(format!("{}: {e}", f.display())))?;
+        let plugins: Vec<serde_json::Value> = match v.get("plugins").and_then(|p| p.as_array()) {
+            Some(list) => list
+                .iter()
+                .map(|p| {
+                    let mut p = p.clone();
+                    p["name"] = v["name"].clone();
+                    p["cniVersion"] = v["cniVersion"].clone();
+                    p
+                })
+                .collect(),
+            None => vec![v.clone()],
+        };
+        for p in plugins.into_iter().filter(|p| p["type"] == "pontoon") {
+            let conf = NetConf::parse(p.to_string().as_bytes())
+                .map_err(|e| Error::config(format!("{}: {e}", f.display())))?;
+            if let (Some(t), Some(ipam)) = (conf.ipam_type(), &conf.raw.ipam)
+                && crate::ipam::IN_PROCESS_TYPES.contains(&t)
+            {
+                pools.push(Pool::from_config(&conf.name, ipam, None)?);
+            }
+        }
+    }
+    Ok(pools)
+}
+
+fn print_report(r: &crate::ipam::Report) {
+    println!(
+        "network {}  ({})\n  pool {}  used {}  free {}  stale {}",
+        r.network,
+        r.data_dir.join(&r.network).display(),
+        r.size,
+        r.used,
+        r.free,
+        r.stale
+    );
+    if r.allocations.is_empty() {
+        return;
+    }
+    println!(
+        "  {:<40} {:<8} {:<16} {:<8} ADDRESSES",
+        "CONTAINER", "IFNAME", "HOST VETH", "STATE"
+    );
+    for a in &r.allocations {
+        let ips: Vec<String> = a.ips.iter().map(|i| i.to_string()).collect();
+        println!(
+            "  {:<40} {:<8} {:<16} {:<8} {}",
+            a.container_id,
+            a.ifname,
+            a.host_veth.as_deref().unwrap_or("-"),
+            format!("{:?}", a.state).to_lowercase(),
+            ips.join(", ")
+        );
+    }
+}
+
 fn run_operator(cli: Cli) -> Result<i32> {
     match cli.cmd {
+        Cmd::Status { confs, json } => {
+            let alive = plugin::link_probe()?;
+            let reports = load_pools(&confs)?
+                .iter()
+                .map(|p| p.report(&alive))
+                .collect::<Result<Vec<_>>>()?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&reports).expect("serialises")
+                );
+            } else if reports.is_empty() {
+                println!("no pontoon network with host-local IPAM found");
+            } else {
+                for r in &reports {
+                    print_report(r);
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Gc { confs } => {
+            for pool in load_pools(&confs)? {
+                let attach = crate::ipam::Attach {
+                    host_veth: None,
+                    alive: Some(plugin::link_probe()?),
+                };
+                let store = pool.open()?;
+                let reclaimed = pool.reclaim_stale_locked(&store, &attach)?;
+                if reclaimed.is_empty() {
+                    println!("network {}: nothing stale", pool.network);
+                }
+                for (owner, ips) in reclaimed {
+                    let ips: Vec<String> = ips.iter().map(|i| i.to_string()).collect();
+                    println!(
+                        "network {}: released {} of {owner} (its veth is gone)",
+                        pool.network,
+                        ips.join(", ")
+                    );
+                }
+            }
+            Ok(0)
+        }
         Cmd::Masquerade { action } => match action {
             MasqAction::Ensure(a) => {
                 let rs = RuleSet::new(&a.network, &a.pod_cidrs, &a.no_masquerade);

@@ -1,6 +1,7 @@
 //! The CNI verbs, composing the protocol, the address pool and the dataplane. The only place
 //! that knows the order of steps, and how each ADD step is undone when a later one fails.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::net::IpAddr;
 
@@ -112,7 +113,12 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
     // 1. Addresses. Everything after this is undone if a later step fails.
     let addressing = allocate(&ipam, env, conf, stdin, &requested)?;
     match attach(env, conf, &mut nl, &netns, mac, &addressing) {
-        Ok(result) => Ok(result.to_json(conf.version)),
+        Ok(result) => {
+            if let Ipam::Pool(pool) = &ipam {
+                pool.mark_ready(&owner(env))?;
+            }
+            Ok(result.to_json(conf.version))
+        }
         Err(e) => {
             let mut errs = ErrorList::default();
             errs.check(dataplane::detach(
@@ -142,7 +148,13 @@ fn allocate(
             dns: Default::default(),
         }),
         Ipam::Pool(pool) => {
-            let got = pool.allocate(&owner(env), requested)?;
+            // Record the veth this ADD makes, and let a full pool reclaim allocations whose
+            // veth is gone (pods lost to a crash or a reboot without DEL).
+            let attach = ipam::Attach {
+                host_veth: Some(dataplane::host_veth_name(&env.container_id, &env.ifname)),
+                alive: Some(link_probe()?),
+            };
+            let got = pool.allocate_for(&owner(env), requested, &attach)?;
             Ok(Addressing {
                 ips: got.iter().map(|a| (a.address, Some(a.gateway))).collect(),
                 routes: pool.routes.clone(),
@@ -518,10 +530,25 @@ fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
 
 fn status(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
     match Ipam::from_conf(conf)? {
-        Ipam::Pool(pool) => pool.status(),
+        Ipam::Pool(pool) => pool.status(&ipam::Attach {
+            host_veth: None,
+            alive: Some(link_probe()?),
+        }),
         Ipam::Delegate(t) => ipam::delegate::exec(&t, "STATUS", env, stdin).map(|_| ()),
         Ipam::None => Ok(()),
     }
+}
+
+/// Whether a link of that name exists in this (the node's) namespace; `true` on any doubt, so
+/// an error never makes a live allocation look stale.
+pub fn link_probe() -> Result<ipam::LinkProbe> {
+    let nl = RefCell::new(Netlink::new()?);
+    Ok(Box::new(move |name: &str| {
+        nl.borrow_mut()
+            .link_by_name(name)
+            .map(|l| l.is_some())
+            .unwrap_or(true)
+    }))
 }
 
 /// The spec version to print errors in: the config's when it is readable.

@@ -155,9 +155,24 @@ impl Netlink {
         msg: RouteNetlinkMessage,
         flags: u16,
     ) -> io::Result<Vec<RouteNetlinkMessage>> {
+        self.request_inner(msg, flags, false)
+    }
+
+    /// Sends one request and collects its replies. A dump the kernel reports as interrupted
+    /// by a concurrent change is retried; with `lenient`, the last (possibly inconsistent)
+    /// dump is returned when every retry was interrupted.
+    fn request_inner(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        lenient: bool,
+    ) -> io::Result<Vec<RouteNetlinkMessage>> {
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
-        // A dump the kernel reports as interrupted by a concurrent change is retried.
-        for _ in 0..5 {
+        let mut last = Vec::new();
+        for attempt in 0..10u64 {
+            if attempt > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(attempt));
+            }
             self.seq = self.seq.wrapping_add(1);
             let mut header = NetlinkHeader::default();
             header.flags = NLM_F_REQUEST | flags;
@@ -209,6 +224,10 @@ impl Netlink {
             if !interrupted {
                 return Ok(replies);
             }
+            last = replies;
+        }
+        if lenient {
+            return Ok(last);
         }
         Err(io::Error::new(
             io::ErrorKind::Interrupted,
@@ -246,11 +265,14 @@ impl Netlink {
     }
 
     /// Every link in the namespace.
+    /// Under heavy churn the list may be a slightly inconsistent snapshot (callers only use
+    /// it to find leftovers, where that is harmless).
     pub fn links(&mut self) -> Result<Vec<Link>> {
         let replies = self
-            .request(
+            .request_inner(
                 RouteNetlinkMessage::GetLink(LinkMessage::default()),
                 NLM_F_DUMP,
+                true,
             )
             .map_err(|e| Error::netlink("cannot list links", e))?;
         Ok(replies

@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::cni::result::{Dns, Route};
 use crate::error::{Error, Result};
 pub use range::{Range, RangeConf, RangeSet};
-pub use store::{Entry, Owner, Store};
+pub use store::{Entry, Lease, Owner, Store};
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/networks";
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,6 +77,18 @@ pub struct Pool {
     pub data_dir: PathBuf,
     pub dns: Dns,
     pub lock_timeout: Duration,
+}
+
+/// Answers whether a host veth of that name exists on the node.
+pub type LinkProbe = Box<dyn Fn(&str) -> bool>;
+
+/// What an ADD tells the pool about the attachment it is making.
+#[derive(Default)]
+pub struct Attach {
+    /// The host-side veth this ADD makes (recorded for stale detection).
+    pub host_veth: Option<String>,
+    /// Whether a host veth exists on the node; `None` disables reclaiming.
+    pub alive: Option<LinkProbe>,
 }
 
 /// One allocated address, with its range's gateway.
@@ -179,7 +191,20 @@ impl Pool {
     /// addresses it already holds. `requested` addresses are honoured or refused.
     pub fn allocate(&self, owner: &Owner, requested: &[IpAddr]) -> Result<Vec<Allocated>> {
         let store = self.open()?;
-        self.allocate_locked(&store, owner, requested)
+        self.allocate_locked(&store, owner, requested, &Attach::default())
+    }
+
+    /// [`Pool::allocate`] for an ADD that will make `attach.host_veth`: the entry records the
+    /// veth and an in-progress lease, and when the pool is full, allocations whose veth is gone
+    /// (per `attach.alive`) are reclaimed first.
+    pub fn allocate_for(
+        &self,
+        owner: &Owner,
+        requested: &[IpAddr],
+        attach: &Attach,
+    ) -> Result<Vec<Allocated>> {
+        let store = self.open()?;
+        self.allocate_locked(&store, owner, requested, attach)
     }
 
     pub fn allocate_locked(
@@ -187,6 +212,29 @@ impl Pool {
         store: &Store,
         owner: &Owner,
         requested: &[IpAddr],
+        attach: &Attach,
+    ) -> Result<Vec<Allocated>> {
+        match self.try_allocate(store, owner, requested, attach) {
+            Err(Error::PoolExhausted(msg)) if attach.alive.is_some() => {
+                let reclaimed = self.reclaim_stale_locked(store, attach)?;
+                if reclaimed.is_empty() {
+                    return Err(Error::PoolExhausted(msg));
+                }
+                for (o, ips) in &reclaimed {
+                    log::warn!("reclaimed {ips:?} of {o}: its veth is gone (stale allocation)");
+                }
+                self.try_allocate(store, owner, requested, attach)
+            }
+            r => r,
+        }
+    }
+
+    fn try_allocate(
+        &self,
+        store: &Store,
+        owner: &Owner,
+        requested: &[IpAddr],
+        attach: &Attach,
     ) -> Result<Vec<Allocated>> {
         if let Some(existing) = self.held(store, owner)? {
             if requested.iter().all(|r| existing.contains(r)) {
@@ -260,6 +308,8 @@ impl Pool {
             owner,
             &Entry {
                 ips: picked.clone(),
+                host_veth: attach.host_veth.clone(),
+                adding: attach.host_veth.as_ref().map(|_| Lease::now()),
             },
         )?;
         let mut done: Vec<IpAddr> = Vec::new();
@@ -304,6 +354,62 @@ impl Pool {
         Ok(Some(entry.ips))
     }
 
+    fn has_stale_in(&self, set: &RangeSet, attach: &Attach) -> Result<bool> {
+        let store = Store::unlocked(&self.data_dir, &self.network);
+        if !store.dir().join(".pontoon/attachments").exists() {
+            return Ok(false);
+        }
+        Ok(self
+            .stale_locked(&store, attach)?
+            .iter()
+            .any(|(_, e)| e.ips.iter().any(|ip| set.range_of(*ip).is_some())))
+    }
+
+    /// Ends the ADD lease of `owner`'s entry: the attachment is complete.
+    pub fn mark_ready(&self, owner: &Owner) -> Result<()> {
+        // Only operations on this attachment write its entry, and the runtime never runs two
+        // at once for one attachment; the write is atomic, so no lock is needed.
+        let store = Store::unlocked(&self.data_dir, &self.network);
+        if let Some(mut e) = store.entry(owner)?
+            && e.adding.take().is_some()
+        {
+            store.write_entry(owner, &e)?;
+        }
+        Ok(())
+    }
+
+    /// Entries whose pontoon veth no longer exists and that are not mid-ADD.
+    pub fn stale_locked(&self, store: &Store, attach: &Attach) -> Result<Vec<(Owner, Entry)>> {
+        let Some(alive) = &attach.alive else {
+            return Ok(vec![]);
+        };
+        let mut out = Vec::new();
+        for (owner, e) in store.entries()? {
+            let Some(veth) = &e.host_veth else { continue };
+            if e.adding.is_some_and(|l| l.is_live()) {
+                continue;
+            }
+            if !alive(veth) {
+                out.push((owner, e));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Releases every stale allocation (see [`Pool::stale_locked`]).
+    pub fn reclaim_stale_locked(
+        &self,
+        store: &Store,
+        attach: &Attach,
+    ) -> Result<Vec<(Owner, Vec<IpAddr>)>> {
+        let mut out = Vec::new();
+        for (owner, _) in self.stale_locked(store, attach)? {
+            let ips = release_locked(store, &owner)?;
+            out.push((owner, ips));
+        }
+        Ok(out)
+    }
+
     /// Releases everything `owner` holds. Succeeds when it holds nothing.
     pub fn release(&self, owner: &Owner) -> Result<Vec<IpAddr>> {
         let store = self.open()?;
@@ -316,12 +422,27 @@ impl Pool {
         gc_locked(&store, valid)
     }
 
-    /// STATUS: an error (code 50) when a range set has no free address or the store is unusable.
-    pub fn status(&self) -> Result<()> {
+    /// STATUS: an error (code 50) when a range set has no free address (counting stale
+    /// allocations, which the next ADD reclaims, as free) or the store is unusable.
+    pub fn status(&self, attach: &Attach) -> Result<()> {
         let dir = self.dir();
         if let Err(e) = std::fs::create_dir_all(&dir) {
             return Err(Error::NotAvailable(format!(
                 "the IPAM state directory {} is unusable: {e}",
+                dir.display()
+            )));
+        }
+        if let Err(e) = nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK) {
+            return Err(Error::NotAvailable(format!(
+                "the IPAM state directory {} is unusable: not writable ({e})",
+                dir.display()
+            )));
+        }
+        if let Ok(fs) = nix::sys::statvfs::statvfs(&dir)
+            && (fs.blocks_available() == 0 || fs.files_available() == 0)
+        {
+            return Err(Error::NotAvailable(format!(
+                "the IPAM state directory {} is unusable: its filesystem is full",
                 dir.display()
             )));
         }
@@ -331,7 +452,7 @@ impl Pool {
                 .iter()
                 .filter(|ip| set.range_of(**ip).is_some())
                 .count() as u128;
-            if n >= set.size() {
+            if n >= set.size() && !self.has_stale_in(set, attach)? {
                 return Err(Error::NotAvailable(format!(
                     "the address pool of network {} is exhausted: range set {i} ({}) has all {} \
                      addresses allocated",
@@ -342,6 +463,114 @@ impl Pool {
             }
         }
         Ok(())
+    }
+}
+
+/// The state of one allocation, for operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllocState {
+    /// Its veth exists.
+    Alive,
+    /// An ADD is making it right now.
+    Adding,
+    /// Its veth is gone: reclaimable.
+    Stale,
+    /// Not made by pontoon (no veth recorded): only DEL or GC release it.
+    Foreign,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AllocInfo {
+    pub container_id: String,
+    pub ifname: String,
+    pub ips: Vec<IpAddr>,
+    pub host_veth: Option<String>,
+    pub state: AllocState,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub network: String,
+    pub data_dir: PathBuf,
+    pub size: u128,
+    pub used: usize,
+    pub free: u128,
+    pub stale: usize,
+    pub allocations: Vec<AllocInfo>,
+}
+
+impl Pool {
+    /// What the pool holds, read without the lock (a snapshot for operators).
+    pub fn report(&self, alive: &dyn Fn(&str) -> bool) -> Result<Report> {
+        let store = Store::unlocked(&self.data_dir, &self.network);
+        let allocated: Vec<IpAddr> = store::list_allocated(store.dir())?
+            .into_iter()
+            .filter(|ip| self.range_of(*ip).is_some())
+            .collect();
+        let mut allocations = Vec::new();
+        let mut seen: HashSet<IpAddr> = HashSet::new();
+        if store.dir().join(".pontoon/attachments").exists() {
+            for (owner, e) in store.entries()? {
+                let ips: Vec<IpAddr> = e
+                    .ips
+                    .iter()
+                    .copied()
+                    .filter(|ip| {
+                        store.holder(*ip).ok().flatten().flatten().as_ref() == Some(&owner)
+                    })
+                    .collect();
+                if ips.is_empty() {
+                    continue;
+                }
+                seen.extend(ips.iter().copied());
+                let state = match (&e.host_veth, e.adding) {
+                    (None, _) => AllocState::Foreign,
+                    (Some(_), Some(l)) if l.is_live() => AllocState::Adding,
+                    (Some(v), _) if alive(v) => AllocState::Alive,
+                    (Some(_), _) => AllocState::Stale,
+                };
+                allocations.push(AllocInfo {
+                    container_id: owner.container_id,
+                    ifname: owner.ifname,
+                    ips,
+                    host_veth: e.host_veth,
+                    state,
+                });
+            }
+        }
+        for ip in &allocated {
+            if seen.contains(ip) {
+                continue;
+            }
+            let holder = store.holder(*ip)?.flatten();
+            allocations.push(AllocInfo {
+                container_id: holder
+                    .as_ref()
+                    .map(|h| h.container_id.clone())
+                    .unwrap_or_default(),
+                ifname: holder.map(|h| h.ifname).unwrap_or_default(),
+                ips: vec![*ip],
+                host_veth: None,
+                state: AllocState::Foreign,
+            });
+        }
+        allocations.sort_by(|a, b| a.ips.cmp(&b.ips));
+        let size: u128 = self.sets.iter().map(RangeSet::size).sum();
+        Ok(Report {
+            network: self.network.clone(),
+            data_dir: self.data_dir.clone(),
+            size,
+            used: allocated.len(),
+            free: size.saturating_sub(allocated.len() as u128),
+            stale: allocations
+                .iter()
+                .filter(|a| a.state == AllocState::Stale)
+                .count(),
+            allocations,
+        })
     }
 }
 
@@ -363,7 +592,13 @@ pub fn release_locked(store: &Store, owner: &Owner) -> Result<Vec<IpAddr>> {
 /// address files naming no valid holder (torn, legacy or foreign) are removed too.
 pub fn gc_locked(store: &Store, valid: &HashSet<Owner>) -> Result<Vec<(Owner, IpAddr)>> {
     let mut out = Vec::new();
-    for (owner, _) in store.entries()? {
+    let mut in_progress: HashSet<Owner> = HashSet::new();
+    for (owner, e) in store.entries()? {
+        // An attachment being ADDed right now is not released, listed or not.
+        if e.adding.is_some_and(|l| l.is_live()) {
+            in_progress.insert(owner);
+            continue;
+        }
         if !valid.contains(&owner) {
             for ip in release_locked(store, &owner)? {
                 out.push((owner.clone(), ip));
@@ -374,6 +609,7 @@ pub fn gc_locked(store: &Store, valid: &HashSet<Owner>) -> Result<Vec<(Owner, Ip
         let holder = store.holder(ip)?.flatten();
         let keep = holder.as_ref().is_some_and(|h| {
             valid.contains(h)
+                || in_progress.contains(h)
                 || (h.ifname.is_empty() && valid.iter().any(|v| v.container_id == h.container_id))
         });
         if !keep {
@@ -472,16 +708,16 @@ mod tests {
     fn exhaustion_and_status() {
         let d = tmpdir("ex");
         let p = pool(&d, json!({"subnet":"10.9.0.0/29"}));
-        p.status().unwrap();
+        p.status(&Attach::default()).unwrap();
         for i in 0..5 {
             p.allocate(&Owner::new(&format!("c{i}"), "eth0"), &[])
                 .unwrap();
         }
         let e = p.allocate(&Owner::new("x", "eth0"), &[]).unwrap_err();
         assert_eq!(e.code(), 100);
-        assert_eq!(p.status().unwrap_err().code(), 50);
+        assert_eq!(p.status(&Attach::default()).unwrap_err().code(), 50);
         p.release(&Owner::new("c3", "eth0")).unwrap();
-        p.status().unwrap();
+        p.status(&Attach::default()).unwrap();
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -62,8 +62,12 @@ impl Owner {
         format!("{}:{}", self.container_id, self.ifname)
     }
 
+    /// Parses an entry file name; temporaries of atomic writes (`.name.pid`) and anything that
+    /// is not a valid container id / ifname pair are not entries.
     fn from_index_name(s: &str) -> Option<Owner> {
         let (id, ifname) = s.split_once(':')?;
+        crate::cni::env::validate_container_id(id).ok()?;
+        crate::cni::env::validate_ifname(ifname).ok()?;
         Some(Owner::new(id, ifname))
     }
 }
@@ -76,15 +80,59 @@ impl std::fmt::Display for Owner {
 
 /// What pontoon records for one attachment.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct Entry {
     pub ips: Vec<IpAddr>,
+    /// The host-side veth pontoon made for this attachment. Its absence (outside an ADD in
+    /// progress) proves the attachment is gone. `None` for allocations pontoon did not make
+    /// (inherited from host-local): those are only released by DEL and GC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_veth: Option<String>,
+    /// Set while the ADD that made this entry is in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adding: Option<Lease>,
+}
+
+/// An ADD in progress: the process doing it and when it started.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Lease {
+    pub pid: u32,
+    /// Seconds since the Unix epoch.
+    pub since: u64,
+}
+
+/// How long an ADD may take before its lease counts as expired even if its pid still exists
+/// (the pid may have been reused).
+pub const LEASE_TTL_SECS: u64 = 300;
+
+impl Lease {
+    pub fn now() -> Lease {
+        Lease {
+            pid: std::process::id(),
+            since: unix_now(),
+        }
+    }
+
+    /// A lease is live while its process exists and it is younger than [`LEASE_TTL_SECS`].
+    pub fn is_live(&self) -> bool {
+        let age = unix_now().saturating_sub(self.since);
+        age < LEASE_TTL_SECS && Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// An open, locked store of one network. The lock is released when it is dropped.
 pub struct Store {
     dir: PathBuf,
     own: PathBuf,
-    _lock: File,
+    /// The flock'ed lock file; `None` for a read-only/unlocked handle.
+    _lock: Option<File>,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
@@ -119,11 +167,23 @@ impl Store {
         let store = Store {
             dir,
             own,
-            _lock: lock,
+            _lock: Some(lock),
         };
         store.remove_temporaries();
         store.migrate_once()?;
         Ok(store)
+    }
+
+    /// A handle without the lock, for reads and for writes that only the owner of an
+    /// attachment makes (its own entry).
+    pub fn unlocked(data_dir: &Path, network: &str) -> Store {
+        let dir = Self::network_dir(data_dir, network);
+        let own = dir.join(".pontoon");
+        Store {
+            dir,
+            own,
+            _lock: None,
+        }
     }
 
     pub fn dir(&self) -> &Path {
