@@ -20,3 +20,7 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --no-fail-fast
 fi
+
+echo "== benchmark smoke run (the full one is hack/bench.sh)"
+cargo build --release -q
+cargo bench -q --bench cni -- --quick --out target/bench-smoke.json

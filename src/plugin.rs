@@ -113,12 +113,7 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
     // 1. Addresses. Everything after this is undone if a later step fails.
     let addressing = allocate(&ipam, env, conf, stdin, &requested)?;
     match attach(env, conf, &mut nl, &netns, mac, &addressing) {
-        Ok(result) => {
-            if let Ipam::Pool(pool) = &ipam {
-                pool.mark_ready(&owner(env))?;
-            }
-            Ok(result.to_json(conf.version))
-        }
+        Ok(result) => Ok(result.to_json(conf.version)),
         Err(e) => {
             let mut errs = ErrorList::default();
             errs.check(dataplane::detach(

@@ -283,15 +283,14 @@ fn configure(
         r.oif = Some(pod.index);
         pod_nl.add_route(&r)?;
     }
-    wait_port_forwarding(host_nl, &host)?;
+    // The final state of the host end (the kernel may change its MAC while enslaving it).
+    let host = wait_port_forwarding(host_nl, &host)?;
     if spec.dad && has_v6 {
         wait_dad(&mut pod_nl, pod.index)?;
     }
     if !spec.addrs.is_empty() {
         announce(&mut pod_nl, &pod);
     }
-    // The kernel may have changed the host end's MAC while enslaving: read the final state.
-    let host = host_nl.link_by_index(host.index)?.unwrap_or(host);
     Ok(Attached { host, pod })
 }
 
@@ -310,14 +309,14 @@ fn announce(pod_nl: &mut Netlink, pod: &Link) {
 
 /// Waits (bounded) until the host end is operationally up, i.e. the bridge port forwards, so the
 /// first packet after ADD gets through.
-fn wait_port_forwarding(nl: &mut Netlink, host: &Link) -> Result<()> {
+fn wait_port_forwarding(nl: &mut Netlink, host: &Link) -> Result<Link> {
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut pause = Duration::from_micros(200);
     loop {
         if let Some(l) = nl.link_by_index(host.index)?
             && l.oper_up
         {
-            return Ok(());
+            return Ok(l);
         }
         if Instant::now() >= deadline {
             return Err(Error::netlink(

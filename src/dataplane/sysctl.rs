@@ -18,9 +18,11 @@ pub fn ensure(key: &str, value: &str) -> Result<()> {
     fs::write(&p, value).map_err(|e| Error::io(format!("cannot set sysctl {key}={value}"), e))
 }
 
-/// Like [`ensure`], ignoring a key that does not exist (e.g. IPv6 disabled on the node).
+/// Writes `key` (without reading it first: for fresh interfaces, whose defaults differ),
+/// ignoring a key that does not exist (e.g. IPv6 disabled on the node).
 pub fn set_if_exists(key: &str, value: &str) {
-    if let Err(e) = ensure(key, value)
+    if let Err(e) = fs::write(path(key), value)
+        .map_err(|e| Error::io(format!("cannot set sysctl {key}={value}"), e))
         && e.errno() != Some(libc::ENOENT)
     {
         log::warn!("{e}");

@@ -365,19 +365,6 @@ impl Pool {
             .any(|(_, e)| e.ips.iter().any(|ip| set.range_of(*ip).is_some())))
     }
 
-    /// Ends the ADD lease of `owner`'s entry: the attachment is complete.
-    pub fn mark_ready(&self, owner: &Owner) -> Result<()> {
-        // Only operations on this attachment write its entry, and the runtime never runs two
-        // at once for one attachment; the write is atomic, so no lock is needed.
-        let store = Store::unlocked(&self.data_dir, &self.network);
-        if let Some(mut e) = store.entry(owner)?
-            && e.adding.take().is_some()
-        {
-            store.write_entry(owner, &e)?;
-        }
-        Ok(())
-    }
-
     /// Entries whose pontoon veth no longer exists and that are not mid-ADD.
     pub fn stale_locked(&self, store: &Store, attach: &Attach) -> Result<Vec<(Owner, Entry)>> {
         let Some(alive) = &attach.alive else {

@@ -88,7 +88,9 @@ pub struct Entry {
     /// (inherited from host-local): those are only released by DEL and GC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_veth: Option<String>,
-    /// Set while the ADD that made this entry is in progress.
+    /// The ADD that made this entry. It counts as in progress while that process lives (and
+    /// for at most [`LEASE_TTL_SECS`]); after that, the veth's existence alone tells whether
+    /// the attachment is alive, so a finished ADD need not rewrite its entry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adding: Option<Lease>,
 }
