@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: lint, unit and integration tests (root: they build
-# throwaway network namespaces), each inside namespaces they remove again.
+# throwaway network namespaces, and remove them again), the containerd CRI end-to-end tier,
+# a benchmark smoke run and a short fuzz run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,3 +25,9 @@ fi
 echo "== benchmark smoke run (the full one is hack/bench.sh)"
 cargo build --release -q
 cargo bench -q --bench cni -- --quick --out target/bench-smoke.json
+
+echo "== containerd CRI end-to-end tier"
+bash hack/e2e-containerd.sh
+
+echo "== fuzzing (short; hack/fuzz.sh SECONDS for a long run)"
+bash hack/fuzz.sh 20
