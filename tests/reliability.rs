@@ -342,7 +342,7 @@ fn concurrent_operations_converge_to_the_live_pods() {
             .map(|w| {
                 let (node, conf, gc, netns) = (&node, &conf, &gc, &netns);
                 s.spawn(move || {
-                    let mut rng = (w as u64 + 1) * 0x9E3779B97F4A7C15;
+                    let mut rng = (w as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15);
                     let mut state: HashMap<String, Option<(String, Value)>> = HashMap::new();
                     for _ in 0..OPS {
                         rng ^= rng << 13;
