@@ -31,6 +31,9 @@ pub fn cni_main() -> i32 {
     };
     let result = match (read_err, env_err, &env) {
         (Some(e), _, _) | (None, Some(e), _) => Err(e),
+        (None, None, Some(env)) if crate::loopback::invoked_as_loopback() => {
+            crate::loopback::run(env, &stdin)
+        }
         (None, None, Some(env)) => plugin::run(env, &stdin),
         (None, None, None) => unreachable!("either an env or its error"),
     };
@@ -120,8 +123,90 @@ struct ConfArgs {
     conf: Vec<PathBuf>,
 }
 
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// The host's CNI bin dir (as mounted in the container).
+    #[arg(long, env = "CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// The host's CNI conf dir (as mounted in the container).
+    #[arg(long, env = "CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// Network name (the conflist is 10-<network>.conflist).
+    #[arg(long, env = "PONTOON_NETWORK", default_value = "pontoon")]
+    network: String,
+    #[arg(long, env = "PONTOON_BRIDGE", default_value = "cni0")]
+    bridge: String,
+    /// MTU of bridge and veths (default: the node's default-route interface MTU).
+    #[arg(long, env = "PONTOON_MTU")]
+    mtu: Option<u32>,
+    /// IPAM state dir (default /var/lib/cni/networks).
+    #[arg(long, env = "PONTOON_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Install pontoon as the `loopback` plugin: auto = unless another loopback is there.
+    #[arg(long, value_enum, default_value = "auto")]
+    loopback: crate::install::LoopbackMode,
+    /// This node's pod CIDR(s), comma-separated (default: spec.podCIDRs of the Node object).
+    #[arg(long = "pod-cidr", env = "POD_CIDRS", value_delimiter = ',')]
+    pod_cidrs: Vec<IpNetwork>,
+    /// The cluster pod CIDR(s) and other destinations never masqueraded (e.g. the service CIDR).
+    #[arg(
+        long = "no-masquerade",
+        env = "NO_MASQUERADE_CIDRS",
+        value_delimiter = ','
+    )]
+    no_masquerade: Vec<IpNetwork>,
+}
+
+impl NodeArgs {
+    fn spec(&self) -> crate::install::Spec {
+        crate::agent::spec_from(
+            self.cni_bin_dir.clone(),
+            self.cni_conf_dir.clone(),
+            self.network.clone(),
+            self.bridge.clone(),
+            self.mtu,
+            self.data_dir.clone(),
+            self.loopback,
+        )
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Install the binary (also as `loopback`) and the conflist into the host's CNI dirs,
+    /// atomically and idempotently, and set up masquerade. Pod CIDRs from --pod-cidr/POD_CIDRS
+    /// or from a Node object (--node-json).
+    Install {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// A Node object (JSON, e.g. `kubectl get node NAME -o json`) to take spec.podCIDRs from.
+        #[arg(long)]
+        node_json: Option<PathBuf>,
+    },
+    /// The node agent: keeps the install, the masquerade rules and the routes to other nodes'
+    /// pod CIDRs in place until SIGTERM.
+    Agent {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// This node's name (Kubernetes: from the downward API).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// Read the nodes from this NodeList JSON file instead of the Kubernetes API.
+        #[arg(long)]
+        nodes_file: Option<PathBuf>,
+        /// kubeconfig to use (default: in-cluster config, then $KUBECONFIG, ~/.kube/config).
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// Seconds between reconciles (a resync; changes are acted on as they arrive).
+        #[arg(long, default_value_t = 10)]
+        interval: u64,
+        /// Address of the /healthz endpoint ("off" to disable).
+        #[arg(long, env = "PONTOON_HEALTHZ", default_value = "127.0.0.1:9765")]
+        healthz: String,
+        /// Reconcile once and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Per pontoon network: pool size, used, free, stale, and every allocation with its owner,
     /// host veth and state.
     Status {
@@ -276,6 +361,78 @@ fn print_report(r: &crate::ipam::Report) {
 
 fn run_operator(cli: Cli) -> Result<i32> {
     match cli.cmd {
+        Cmd::Install { node, node_json } => {
+            let mut spec = node.spec();
+            spec.pod_cidrs = node.pod_cidrs.clone();
+            if spec.pod_cidrs.is_empty() {
+                let Some(f) = node_json else {
+                    return Err(Error::config(
+                        "give this node's pod CIDRs with --pod-cidr (or POD_CIDRS), or a Node \
+                         object with --node-json",
+                    ));
+                };
+                let text = std::fs::read(&f)
+                    .map_err(|e| Error::io(format!("cannot read {}", f.display()), e))?;
+                let v: serde_json::Value = serde_json::from_slice(&text)
+                    .map_err(|e| Error::Decode(format!("{}: {e}", f.display())))?;
+                spec.pod_cidrs = crate::install::pod_cidrs_of_node(&v)?;
+            }
+            spec.no_masquerade = node.no_masquerade.clone();
+            for c in spec.pod_cidrs.clone() {
+                if !spec.no_masquerade.contains(&c) {
+                    spec.no_masquerade.push(c);
+                }
+            }
+            let (ch, masq) =
+                crate::agent::install_and_masquerade(&spec, &crate::install::self_bytes()?)?;
+            let said = |b: bool| if b { "installed" } else { "already in place" };
+            println!(
+                "{}: {}",
+                spec.bin_dir.join("pontoon").display(),
+                said(ch.binary)
+            );
+            println!(
+                "{}: {}",
+                spec.bin_dir.join("loopback").display(),
+                said(ch.loopback)
+            );
+            println!(
+                "{}: {}",
+                spec.conf_dir.join(&spec.conf_name).display(),
+                said(ch.conflist)
+            );
+            println!("masquerade: {}", said(masq));
+            Ok(0)
+        }
+        Cmd::Agent {
+            node,
+            node_name,
+            nodes_file,
+            kubeconfig,
+            interval,
+            healthz,
+            once,
+        } => {
+            let source: Box<dyn crate::agent::NodeSource> = match nodes_file {
+                Some(f) => Box::new(crate::agent::StaticFile::new(f)),
+                None => crate::agent::kube_source(kubeconfig)?,
+            };
+            let opts = crate::agent::Options {
+                node_name,
+                pod_cidrs: node.pod_cidrs.clone(),
+                no_masquerade: node.no_masquerade.clone(),
+                install: node.spec(),
+                interval: std::time::Duration::from_secs(interval.max(1)),
+                healthz: match healthz.as_str() {
+                    "off" | "" => None,
+                    a => Some(a.parse().map_err(|_| {
+                        Error::config(format!("--healthz {a:?} is not an address:port"))
+                    })?),
+                },
+                once,
+            };
+            crate::agent::run(opts, source)
+        }
         Cmd::Status { confs, json } => {
             let alive = plugin::link_probe()?;
             let reports = load_pools(&confs)?

@@ -1,12 +1,15 @@
 //! pontoon: a CNI plugin for Kubernetes nodes: a Linux bridge, a veth pair per pod, an
 //! in-process host-local-compatible address pool, and per-network masquerade.
 
+pub mod agent;
 pub mod cli;
 pub mod cni;
 pub mod dataplane;
 pub mod error;
+pub mod install;
 pub mod ipam;
 pub mod logging;
+pub mod loopback;
 pub mod masquerade;
 pub mod netns;
 pub mod plugin;

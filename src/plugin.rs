@@ -248,6 +248,7 @@ fn attach(
     let route_specs: Vec<RouteSpec> = routes
         .iter()
         .map(|r| RouteSpec {
+            protocol: None,
             dst: r.dst,
             // A route without `gw` goes via the gateway of its family, as in the reference.
             gw: r.gw.or_else(|| {

@@ -93,6 +93,8 @@ pub struct Addr {
 /// A route as pontoon sets and reads it (main table unless `table` says otherwise).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteSpec {
+    /// Who owns the route (`RTPROT_*`); `None` = boot, as `ip route add` does.
+    pub protocol: Option<u8>,
     pub dst: IpNetwork,
     pub gw: Option<IpAddr>,
     pub oif: Option<u32>,
@@ -366,6 +368,10 @@ impl Netlink {
         self.set_link(index, Some(true), vec![], "set the link up")
     }
 
+    pub fn set_down(&mut self, index: u32) -> Result<()> {
+        self.set_link(index, Some(false), vec![], "set the link down")
+    }
+
     pub fn set_mac(&mut self, index: u32, mac: &[u8]) -> Result<()> {
         self.set_link(
             index,
@@ -483,7 +489,10 @@ impl Netlink {
         let mut m = RouteMessage::default();
         m.header.address_family = family(&r.dst.ip());
         m.header.destination_prefix_length = r.dst.prefix();
-        m.header.protocol = RouteProtocol::Boot;
+        m.header.protocol = r
+            .protocol
+            .map(RouteProtocol::from)
+            .unwrap_or(RouteProtocol::Boot);
         m.header.kind = RouteType::Unicast;
         let table = r.table.unwrap_or(RouteHeader::RT_TABLE_MAIN as u32);
         if table < 256 {
@@ -545,6 +554,24 @@ impl Netlink {
         }
     }
 
+    /// Adds or replaces the route to `r.dst` (same table and metric).
+    pub fn replace_route(&mut self, r: &RouteSpec) -> Result<()> {
+        self.ack(
+            RouteNetlinkMessage::NewRoute(Self::route_msg(r)),
+            NLM_F_CREATE | netlink_packet_core::NLM_F_REPLACE,
+        )
+        .map_err(|e| {
+            Error::netlink(
+                format!(
+                    "cannot set route {}{}",
+                    r.dst,
+                    r.gw.map(|g| format!(" via {g}")).unwrap_or_default()
+                ),
+                e,
+            )
+        })
+    }
+
     pub fn del_route(&mut self, r: &RouteSpec) -> Result<()> {
         match self.ack(RouteNetlinkMessage::DelRoute(Self::route_msg(r)), 0) {
             Ok(()) => Ok(()),
@@ -594,6 +621,7 @@ impl Netlink {
                 continue;
             };
             out.push(RouteSpec {
+                protocol: Some(u8::from(m.header.protocol)),
                 dst,
                 gw,
                 oif,

@@ -1,0 +1,180 @@
+//! Nodes from the Kubernetes API: a `kube` watcher (list + watch, re-listing after errors with
+//! backoff) on a background thread with its own single-threaded tokio runtime, feeding a
+//! snapshot the synchronous agent loop reads. In-cluster config, else a kubeconfig.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Config};
+
+use super::nodes::{NodeInfo, NodeSource};
+use crate::error::{Error, Result};
+
+#[derive(Default)]
+struct State {
+    nodes: BTreeMap<String, NodeInfo>,
+    /// Nodes of a re-list in progress, swapped in when it completes.
+    pending: Option<BTreeMap<String, NodeInfo>>,
+    synced: bool,
+    last_error: Option<String>,
+    generation: u64,
+}
+
+pub struct KubeNodes {
+    shared: Arc<(Mutex<State>, Condvar)>,
+    seen: u64,
+    describe: String,
+}
+
+fn info(node: &Node) -> Option<NodeInfo> {
+    NodeInfo::from_node_object(&serde_json::to_value(node).ok()?)
+}
+
+async fn client(kubeconfig: Option<PathBuf>) -> std::result::Result<Client, String> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(&path)
+                .map_err(|e| format!("cannot read kubeconfig {}: {e}", path.display()))?;
+            Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => Config::infer()
+            .await
+            .map_err(|e| format!("no in-cluster config or kubeconfig: {e}"))?,
+    };
+    Client::try_from(config).map_err(|e| format!("cannot build the Kubernetes client: {e}"))
+}
+
+async fn watch(kubeconfig: Option<PathBuf>, shared: Arc<(Mutex<State>, Condvar)>) {
+    let set_error = |e: String| {
+        let (m, cv) = &*shared;
+        let mut st = m.lock().unwrap();
+        log::warn!("node watch: {e}");
+        st.last_error = Some(e);
+        cv.notify_all();
+    };
+    let client = loop {
+        match client(kubeconfig.clone()).await {
+            Ok(c) => break c,
+            Err(e) => {
+                set_error(e);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    let api: Api<Node> = Api::all(client);
+    let mut events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(ev) = events.next().await {
+        let (m, cv) = &*shared;
+        match ev {
+            Ok(ev) => {
+                let mut st = m.lock().unwrap();
+                match ev {
+                    watcher::Event::Init => st.pending = Some(BTreeMap::new()),
+                    watcher::Event::InitApply(n) => {
+                        if let (Some(p), Some(i)) = (st.pending.as_mut(), info(&n)) {
+                            p.insert(i.name.clone(), i);
+                        }
+                    }
+                    watcher::Event::InitDone => {
+                        if let Some(p) = st.pending.take() {
+                            st.nodes = p;
+                        }
+                        st.synced = true;
+                        st.last_error = None;
+                        st.generation += 1;
+                    }
+                    watcher::Event::Apply(n) => {
+                        if let Some(i) = info(&n)
+                            && st.nodes.get(&i.name) != Some(&i)
+                        {
+                            st.nodes.insert(i.name.clone(), i);
+                            st.generation += 1;
+                        }
+                    }
+                    watcher::Event::Delete(n) => {
+                        if let Some(name) = n.metadata.name.as_ref()
+                            && st.nodes.remove(name).is_some()
+                        {
+                            st.generation += 1;
+                        }
+                    }
+                }
+                cv.notify_all();
+            }
+            Err(e) => set_error(format!("{e}")),
+        }
+    }
+}
+
+impl KubeNodes {
+    /// Starts watching Nodes in the background.
+    pub fn start(kubeconfig: Option<PathBuf>) -> Result<KubeNodes> {
+        let describe = match &kubeconfig {
+            Some(p) => format!("Kubernetes nodes via {}", p.display()),
+            None => "Kubernetes nodes (in-cluster config or default kubeconfig)".into(),
+        };
+        let shared = Arc::new((Mutex::new(State::default()), Condvar::new()));
+        let bg = Arc::clone(&shared);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("cannot start the watch runtime", e))?;
+        std::thread::Builder::new()
+            .name("node-watch".into())
+            .spawn(move || rt.block_on(watch(kubeconfig, bg)))
+            .map_err(|e| Error::io("cannot start the node watch thread", e))?;
+        Ok(KubeNodes {
+            shared,
+            seen: 0,
+            describe,
+        })
+    }
+}
+
+impl NodeSource for KubeNodes {
+    fn nodes(&mut self) -> Result<Vec<NodeInfo>> {
+        let (m, cv) = &*self.shared;
+        let mut st = m.lock().unwrap();
+        // The first reconcile waits (bounded) for the initial list.
+        if !st.synced {
+            st = cv
+                .wait_timeout_while(st, Duration::from_secs(10), |s| !s.synced)
+                .unwrap()
+                .0;
+        }
+        if !st.synced {
+            return Err(Error::TryAgainLater(format!(
+                "no node list from the API server yet{}",
+                st.last_error
+                    .as_ref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            )));
+        }
+        self.seen = st.generation;
+        Ok(st.nodes.values().cloned().collect())
+    }
+
+    fn wait_change(&mut self, timeout: Duration) -> bool {
+        let (m, cv) = &*self.shared;
+        let st = m.lock().unwrap();
+        let seen = self.seen;
+        let (st, _) = cv
+            .wait_timeout_while(st, timeout, |s| s.generation == seen)
+            .unwrap();
+        st.generation != seen
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
