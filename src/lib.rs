@@ -13,3 +13,4 @@ pub mod loopback;
 pub mod masquerade;
 pub mod netns;
 pub mod plugin;
+pub mod portmap;

@@ -93,6 +93,12 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
     let mac = conf.requested_mac(env.args.mac.as_deref())?;
     let requested = conf.requested_ips(&env.args.ips)?;
     let ipam = Ipam::from_conf(conf)?;
+    if !conf.raw.runtime_config.port_mappings.is_empty() && !matches!(ipam, Ipam::Pool(_)) {
+        return Err(Error::UnsupportedField {
+            key: "runtimeConfig.portMappings".into(),
+            msg: "hostPort mappings need the in-process host-local IPAM".into(),
+        });
+    }
     if matches!(ipam, Ipam::None) && !requested.is_empty() {
         return Err(Error::config(
             "addresses were requested but the network has no `ipam`",
@@ -112,7 +118,16 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
 
     // 1. Addresses. Everything after this is undone if a later step fails.
     let addressing = allocate(&ipam, env, conf, stdin, &requested)?;
-    match attach(env, conf, &mut nl, &netns, mac, &addressing) {
+    let attached = attach(env, conf, &mut nl, &netns, mac, &addressing).and_then(|result| {
+        host_ports(&ipam, conf)?
+            .map(|hp| {
+                let ips: Vec<IpAddr> = addressing.ips.iter().map(|(n, _)| n.ip()).collect();
+                hp.add(&owner(env), &conf.raw.runtime_config.port_mappings, &ips)
+            })
+            .transpose()?;
+        Ok(result)
+    });
+    match attached {
         Ok(result) => Ok(result.to_json(conf.version)),
         Err(e) => {
             let mut errs = ErrorList::default();
@@ -120,6 +135,9 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
                 &mut nl,
                 &dataplane::host_veth_name(&env.container_id, &env.ifname),
             ));
+            if let Ok(Some(hp)) = host_ports(&ipam, conf) {
+                errs.check(hp.del(&owner(env)));
+            }
             errs.check(release(&ipam, env, stdin));
             if let Err(cleanup) = errs.into_result() {
                 log::error!("ADD failed and its cleanup failed too: {cleanup}");
@@ -127,6 +145,20 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
             Err(e)
         }
     }
+}
+
+/// The hostPort handler of an in-process pool (`None` for other IPAM).
+fn host_ports<'a>(
+    ipam: &'a Ipam,
+    conf: &'a NetConf,
+) -> Result<Option<crate::portmap::HostPorts<'a>>> {
+    Ok(match ipam {
+        Ipam::Pool(pool) => Some(crate::portmap::HostPorts {
+            pool,
+            bridge: conf.bridge_name(),
+        }),
+        _ => None,
+    })
 }
 
 fn allocate(
@@ -272,7 +304,8 @@ fn attach(
         &bridge,
         netns,
         &host_name,
-        conf.raw.hairpin_mode,
+        // A pod reaching its own hostPort through the node comes back out its own port.
+        conf.raw.hairpin_mode || !conf.raw.runtime_config.port_mappings.is_empty(),
         &PodSpec {
             ifname: &env.ifname,
             mac,
@@ -345,6 +378,9 @@ fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
     }
     // Decoding errors of the IPAM config still fail DEL: nothing could be released otherwise.
     let ipam = Ipam::from_conf(conf)?;
+    if let Some(hp) = host_ports(&ipam, conf)? {
+        errs.check(hp.del(&owner(env)));
+    }
     errs.check(release(&ipam, env, stdin));
     errs.into_result()
 }
@@ -471,6 +507,10 @@ fn check(env: &Env, conf: &NetConf) -> Result<()> {
     if conf.raw.ip_masq {
         masquerade::check_for_network(conf, &want_ips)?;
     }
+    let ipam = Ipam::from_conf(conf)?;
+    if let Some(hp) = host_ports(&ipam, conf)? {
+        hp.check(&owner(env))?;
+    }
     Ok(())
 }
 
@@ -488,7 +528,11 @@ fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
         .map(|a| Owner::new(&a.container_id, &a.ifname))
         .collect();
     let mut errs = ErrorList::default();
-    match Ipam::from_conf(conf)? {
+    let ipam = Ipam::from_conf(conf)?;
+    if let Some(hp) = host_ports(&ipam, conf)? {
+        errs.check(hp.gc(&valid));
+    }
+    match ipam {
         Ipam::Pool(pool) => {
             if let Some(gone) = errs.check(pool.gc(&valid)) {
                 for (o, ip) in &gone {

@@ -18,7 +18,7 @@ fn add_for_every_version_has_the_right_shape_and_state() {
     {
         let ns = node.pod(&format!("p{i}"));
         let cid = format!("ctr-{i}");
-        let conf = node.conf(v, dual(), json!({"mtu": 1400}));
+        let conf = node.conf(v, dual(), json!({"mtu": 1400, "hairpinMode": true}));
         let r = node.cni("ADD", &cid, &ns, "eth0", &conf).ok();
         assert_eq!(r["cniVersion"], *v);
         let ifs = r["interfaces"].as_array().unwrap();
@@ -70,6 +70,11 @@ fn add_for_every_version_has_the_right_shape_and_state() {
         assert!(
             node.node_ok(&["ip", "link", "show", host])
                 .contains("master cni0")
+        );
+        let port = node.node_ok(&["ip", "-d", "link", "show", host]);
+        assert!(
+            port.contains("hairpin on"),
+            "hairpinMode not applied: {port}"
         );
         // DEL removes link and allocation.
         node.cni("DEL", &cid, &ns, "eth0", &conf).ok();

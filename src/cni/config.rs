@@ -93,6 +93,9 @@ pub struct RuntimeConfig {
     pub mac: Option<String>,
     #[serde(default)]
     pub ip_ranges: Option<Value>,
+    /// The `portMappings` capability (hostPort).
+    #[serde(default)]
+    pub port_mappings: Vec<crate::portmap::PortMapping>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -390,18 +390,19 @@ impl Netlink {
             .map_err(|e| Error::netlink("cannot set promiscuous mode", e))
     }
 
+    /// Hairpin mode on a bridge port. Port (slave) options are applied by RTM_NEWLINK on the
+    /// existing link; RTM_SETLINK ignores IFLA_INFO_SLAVE_DATA.
     pub fn set_hairpin(&mut self, index: u32, on: bool) -> Result<()> {
-        self.set_link(
-            index,
-            None,
-            vec![LinkAttribute::LinkInfo(vec![
-                LinkInfo::PortKind(InfoPortKind::Bridge),
-                LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::HairpinMode(
-                    on,
-                )])),
-            ])],
-            "set hairpin mode",
-        )
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::PortKind(InfoPortKind::Bridge),
+            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::HairpinMode(
+                on,
+            )])),
+        ]));
+        self.ack(RouteNetlinkMessage::NewLink(m), 0)
+            .map_err(|e| Error::netlink(format!("cannot set hairpin mode (link #{index})"), e))
     }
 
     // ---- addresses ----

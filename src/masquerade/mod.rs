@@ -86,7 +86,7 @@ impl RuleSet {
     }
 }
 
-fn short_hash(b: &[u8]) -> String {
+pub fn short_hash(b: &[u8]) -> String {
     Sha256::digest(b)
         .iter()
         .take(6)

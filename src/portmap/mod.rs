@@ -1,0 +1,473 @@
+//! hostPort: the `portMappings` capability, natively, in pontoon's nftables table.
+//!
+//! Per network, created once (and re-created if missing, checked with one netlink request):
+//! four maps keyed by what a packet arrives on, `hp4a`/`hp6a` (any local address:
+//! `proto . port`) and `hp4i`/`hp6i` (one host address: `addr . proto . port`), all mapping to
+//! `pod address . pod port`; a chain DNATing through them, jumped to for locally destined
+//! traffic from prerouting (outside, other pods) and output (the node itself, `127.0.0.1`); and a
+//! postrouting chain masquerading DNATed traffic from localhost or from the pod subnets (so a pod
+//! reaching its own or a neighbour's hostPort gets the replies). Adding or removing one pod's
+//! mappings is one small batch of map elements. Each attachment's mappings are also recorded
+//! next to its address entry, so DEL (even without netns or prevResult), GC and CHECK know them,
+//! and conflicts are found before anything is installed.
+
+pub mod conntrack;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::ipam::{Owner, Pool, store};
+use crate::masquerade::nftables::{TABLE, get_chain};
+use crate::masquerade::run_tool;
+
+/// One `runtimeConfig.portMappings` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortMapping {
+    pub host_port: u16,
+    pub container_port: u16,
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    #[serde(default, rename = "hostIP")]
+    pub host_ip: String,
+}
+
+fn tcp() -> String {
+    "tcp".into()
+}
+
+/// One map element: what arrives where, and where it goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Element {
+    /// `None` = any local address.
+    pub host_ip: Option<IpAddr>,
+    pub protocol: String,
+    pub host_port: u16,
+    pub pod_ip: IpAddr,
+    pub pod_port: u16,
+}
+
+impl Element {
+    fn v4(&self) -> bool {
+        self.pod_ip.is_ipv4()
+    }
+
+    fn map(&self, h: &str) -> String {
+        let fam = if self.v4() { "4" } else { "6" };
+        let kind = if self.host_ip.is_some() { "i" } else { "a" };
+        format!("hp{fam}{kind}_{h}")
+    }
+
+    fn key(&self) -> String {
+        match self.host_ip {
+            Some(ip) => format!("{ip} . {} . {}", self.protocol, self.host_port),
+            None => format!("{} . {}", self.protocol, self.host_port),
+        }
+    }
+
+    /// Two elements claim the same traffic: same family, protocol and port, and the same host
+    /// address or either bound to all.
+    fn conflicts(&self, o: &Element) -> bool {
+        self.v4() == o.v4()
+            && self.protocol == o.protocol
+            && self.host_port == o.host_port
+            && (self.host_ip.is_none() || o.host_ip.is_none() || self.host_ip == o.host_ip)
+    }
+}
+
+/// Expands the runtime's mappings over the pod's addresses (one element per matching family).
+pub fn elements(mappings: &[PortMapping], pod_ips: &[IpAddr]) -> Result<Vec<Element>> {
+    let mut out = Vec::new();
+    for m in mappings {
+        let proto = m.protocol.to_ascii_lowercase();
+        if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
+            return Err(Error::config(format!(
+                "portMappings: protocol {:?} is not tcp, udp or sctp",
+                m.protocol
+            )));
+        }
+        if m.host_port == 0 || m.container_port == 0 {
+            return Err(Error::config(format!(
+                "portMappings: hostPort and containerPort must be 1-65535 ({m:?})"
+            )));
+        }
+        let host_ip: Option<IpAddr> = match m.host_ip.as_str() {
+            "" => None,
+            s => {
+                let ip: IpAddr = s.parse().map_err(|_| {
+                    Error::config(format!("portMappings: hostIP {s:?} is not an IP address"))
+                })?;
+                (!ip.is_unspecified()).then_some(ip)
+            }
+        };
+        let families: Vec<&IpAddr> = pod_ips
+            .iter()
+            .filter(|p| host_ip.is_none_or(|h| h.is_ipv4() == p.is_ipv4()))
+            .collect();
+        if families.is_empty() {
+            return Err(Error::config(format!(
+                "portMappings: hostIP {} has no pod address of its family",
+                m.host_ip
+            )));
+        }
+        for p in families {
+            out.push(Element {
+                host_ip,
+                protocol: proto.clone(),
+                host_port: m.host_port,
+                pod_ip: *p,
+                pod_port: m.container_port,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Where an attachment's mappings are recorded.
+fn state_dir(pool: &Pool) -> PathBuf {
+    pool.dir().join(".pontoon/portmaps")
+}
+
+fn state_path(pool: &Pool, owner: &Owner) -> PathBuf {
+    state_dir(pool).join(format!("{}:{}", owner.container_id, owner.ifname))
+}
+
+fn read_state(path: &std::path::Path) -> Vec<Element> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Every attachment's recorded mappings.
+fn all_states(pool: &Pool) -> Vec<(String, Vec<Element>)> {
+    let Ok(rd) = std::fs::read_dir(state_dir(pool)) else {
+        return vec![];
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (!name.starts_with('.')).then(|| (name, read_state(&e.path())))
+        })
+        .collect()
+}
+
+fn net_hash(network: &str) -> String {
+    crate::masquerade::RuleSet::new(network, &[], &[]).network_hash()
+}
+
+/// The fixed per-network objects; `subnets` are the pod subnets of the network.
+fn base_script(h: &str, bridge: &str, subnets: &[IpNetwork], comment: &str) -> String {
+    let t = TABLE;
+    let mut s = format!("add table inet {t}\n");
+    for (m, ty) in [
+        (
+            "hp4a",
+            "inet_proto . inet_service : ipv4_addr . inet_service",
+        ),
+        (
+            "hp4i",
+            "ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service",
+        ),
+        (
+            "hp6a",
+            "inet_proto . inet_service : ipv6_addr . inet_service",
+        ),
+        (
+            "hp6i",
+            "ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service",
+        ),
+    ] {
+        s.push_str(&format!("add map inet {t} {m}_{h} {{ type {ty}; }}\n"));
+    }
+    let chains = [
+        (format!("hp_{h}"), String::new()),
+        (
+            format!("hp_pre_{h}"),
+            "type nat hook prerouting priority dstnat; policy accept; ".into(),
+        ),
+        // -100 is dstnat; nft names that priority for prerouting only.
+        (
+            format!("hp_out_{h}"),
+            "type nat hook output priority -100; policy accept; ".into(),
+        ),
+        (
+            format!("hp_post_{h}"),
+            "type nat hook postrouting priority srcnat; policy accept; ".into(),
+        ),
+    ];
+    for (c, hook) in &chains {
+        s.push_str(&format!(
+            "add chain inet {t} {c}\nflush chain inet {t} {c}\ndelete chain inet {t} {c}\n"
+        ));
+        let _ = hook;
+    }
+    // The jump chain must exist before the base chains that reference it.
+    for (c, hook) in &chains {
+        s.push_str(&format!(
+            "add chain inet {t} {c} {{ {hook}comment \"{comment}\"; }}\n"
+        ));
+    }
+    let hp = format!("hp_{h}");
+    s.push_str(&format!(
+        "add rule inet {t} {hp} meta nfproto ipv4 dnat ip to ip daddr . meta l4proto . th dport map @hp4i_{h}\n\
+         add rule inet {t} {hp} meta nfproto ipv4 dnat ip to meta l4proto . th dport map @hp4a_{h}\n\
+         add rule inet {t} {hp} meta nfproto ipv6 dnat ip6 to ip6 daddr . meta l4proto . th dport map @hp6i_{h}\n\
+         add rule inet {t} {hp} meta nfproto ipv6 dnat ip6 to meta l4proto . th dport map @hp6a_{h}\n\
+         add rule inet {t} hp_pre_{h} fib daddr type local jump {hp}\n\
+         add rule inet {t} hp_out_{h} fib daddr type local jump {hp}\n\
+         add rule inet {t} hp_post_{h} ct status dnat ip saddr 127.0.0.0/8 masquerade\n"
+    ));
+    for n in subnets {
+        let (fam, _) = if n.is_ipv4() { ("ip", 4) } else { ("ip6", 6) };
+        s.push_str(&format!(
+            "add rule inet {t} hp_post_{h} ct status dnat oifname \"{bridge}\" {fam} saddr {n} masquerade\n"
+        ));
+    }
+    s
+}
+
+/// The per-network hostPort context.
+pub struct HostPorts<'a> {
+    pub pool: &'a Pool,
+    pub bridge: &'a str,
+}
+
+impl HostPorts<'_> {
+    fn hash(&self) -> String {
+        net_hash(&self.pool.network)
+    }
+
+    fn subnets(&self) -> Vec<IpNetwork> {
+        self.pool
+            .sets
+            .iter()
+            .flat_map(|s| s.0.iter().map(|r| r.subnet))
+            .collect()
+    }
+
+    fn comment(&self) -> String {
+        let mut sig = format!("{}|{}", self.pool.network, self.bridge);
+        for n in self.subnets() {
+            sig.push_str(&format!("|{n}"));
+        }
+        format!(
+            "pontoon hostports net={} cfg={}",
+            self.pool.network,
+            crate::masquerade::short_hash(sig.as_bytes())
+        )
+    }
+
+    /// Creates the per-network maps and chains unless they are there (one netlink request).
+    fn ensure_base(&self) -> Result<()> {
+        let h = self.hash();
+        if get_chain(TABLE, &format!("hp_post_{h}"))?.is_some_and(|r| {
+            r.windows(self.comment().len())
+                .any(|w| w == self.comment().as_bytes())
+        }) {
+            return Ok(());
+        }
+        run_tool(
+            "nft",
+            &["-f", "-"],
+            Some(&base_script(
+                &h,
+                self.bridge,
+                &self.subnets(),
+                &self.comment(),
+            )),
+        )?;
+        if self.subnets().iter().any(IpNetwork::is_ipv4) {
+            // The node's own 127.0.0.1 may be DNATed out through the bridge.
+            crate::dataplane::sysctl::ensure(
+                &format!("net/ipv4/conf/{}/route_localnet", self.bridge),
+                "1",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn element_batch(&self, verb: &str, els: &[Element]) -> String {
+        let h = self.hash();
+        els.iter()
+            .map(|e| {
+                let value = format!("{} . {}", e.pod_ip, e.pod_port);
+                let spec = if verb == "delete" {
+                    e.key()
+                } else {
+                    format!("{} : {value}", e.key())
+                };
+                format!("{verb} element inet {TABLE} {} {{ {spec} }}\n", e.map(&h))
+            })
+            .collect()
+    }
+
+    /// Installs `owner`'s mappings; a conflicting mapping of another attachment is an error and
+    /// nothing is installed.
+    pub fn add(&self, owner: &Owner, mappings: &[PortMapping], pod_ips: &[IpAddr]) -> Result<()> {
+        let els = elements(mappings, pod_ips)?;
+        // The pool lock serialises conflict checks and state changes.
+        let _lock = self.pool.open()?;
+        let mine = format!("{}:{}", owner.container_id, owner.ifname);
+        let old = read_state(&state_path(self.pool, owner));
+        for (who, theirs) in all_states(self.pool) {
+            if who == mine {
+                continue;
+            }
+            if let Some((a, b)) = els
+                .iter()
+                .find_map(|e| theirs.iter().find(|t| e.conflicts(t)).map(|t| (e, t)))
+            {
+                return Err(Error::AddressUnavailable(format!(
+                    "hostPort {}/{} on {} is already mapped to {} by {who}",
+                    a.host_port,
+                    a.protocol,
+                    a.host_ip
+                        .map(|i| i.to_string())
+                        .unwrap_or_else(|| "all addresses".into()),
+                    b.pod_ip
+                )));
+            }
+        }
+        self.ensure_base()?;
+        std::fs::create_dir_all(state_dir(self.pool))
+            .map_err(|e| Error::io("cannot create the hostPort state dir", e))?;
+        store::write_atomic(
+            &state_path(self.pool, owner),
+            &serde_json::to_vec(&els).unwrap(),
+        )?;
+        let mut batch = self.element_batch("delete", &old);
+        batch.push_str(&self.element_batch("add", &els));
+        if let Err(e) = run_tool("nft", &["-f", "-"], Some(&batch)) {
+            let _ = std::fs::remove_file(state_path(self.pool, owner));
+            return Err(e);
+        }
+        flush_udp(&els);
+        Ok(())
+    }
+
+    /// Removes `owner`'s mappings (nothing to do when it has none).
+    pub fn del(&self, owner: &Owner) -> Result<()> {
+        let path = state_path(self.pool, owner);
+        let els = read_state(&path);
+        if els.is_empty() {
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        }
+        let _lock = self.pool.open()?;
+        self.delete_elements(&els)?;
+        let _ = std::fs::remove_file(&path);
+        flush_udp(&els);
+        Ok(())
+    }
+
+    fn delete_elements(&self, els: &[Element]) -> Result<()> {
+        if run_tool(
+            "nft",
+            &["-f", "-"],
+            Some(&self.element_batch("delete", els)),
+        )
+        .is_ok()
+        {
+            return Ok(());
+        }
+        // Some were already gone (a flushed ruleset): delete the rest one by one.
+        for e in els {
+            let _ = run_tool(
+                "nft",
+                &["-f", "-"],
+                Some(&self.element_batch("delete", std::slice::from_ref(e))),
+            );
+        }
+        Ok(())
+    }
+
+    /// CHECK: every recorded element of `owner` is installed.
+    pub fn check(&self, owner: &Owner) -> Result<()> {
+        let els = read_state(&state_path(self.pool, owner));
+        for e in &els {
+            let q = format!("{{ {} }}", e.key());
+            let got = run_tool(
+                "nft",
+                &["get", "element", "inet", TABLE, &e.map(&self.hash()), &q],
+                None,
+            );
+            if !got.is_ok_and(|out| out.contains(&e.pod_ip.to_string())) {
+                return Err(Error::CheckFailed(format!(
+                    "hostPort {}/{} -> {}:{} is not installed",
+                    e.host_port, e.protocol, e.pod_ip, e.pod_port
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// GC: removes the mappings of attachments not in `valid`.
+    pub fn gc(&self, valid: &std::collections::HashSet<Owner>) -> Result<()> {
+        for (who, els) in all_states(self.pool) {
+            let Some((cid, ifname)) = who.split_once(':') else {
+                continue;
+            };
+            let owner = Owner::new(cid, ifname);
+            if !valid.contains(&owner) {
+                log::info!("GC removes the hostPort mappings of {owner}");
+                let _lock = self.pool.open()?;
+                self.delete_elements(&els)?;
+                let _ = std::fs::remove_file(state_path(self.pool, &owner));
+                flush_udp(&els);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn flush_udp(els: &[Element]) {
+    let ports: Vec<u16> = els
+        .iter()
+        .filter(|e| e.protocol == "udp")
+        .map(|e| e.host_port)
+        .collect();
+    match conntrack::flush_udp_ports(&ports) {
+        Ok(0) => {}
+        Ok(n) => log::info!("flushed {n} stale UDP conntrack entries for hostPorts {ports:?}"),
+        Err(e) => log::warn!("could not flush UDP conntrack entries: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pm(hp: u16, proto: &str, host_ip: &str) -> PortMapping {
+        PortMapping {
+            host_port: hp,
+            container_port: 80,
+            protocol: proto.into(),
+            host_ip: host_ip.into(),
+        }
+    }
+
+    #[test]
+    fn expansion_and_conflicts() {
+        let ips: Vec<IpAddr> = vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+        let any = elements(&[pm(8080, "TCP", "")], &ips).unwrap();
+        assert_eq!(any.len(), 2, "both families");
+        let v4only = elements(&[pm(8080, "tcp", "192.0.2.1")], &ips).unwrap();
+        assert_eq!(v4only.len(), 1);
+        assert!(any[0].conflicts(&v4only[0]), "all-addresses vs one address");
+        let lo = elements(&[pm(8080, "tcp", "127.0.0.1")], &ips).unwrap();
+        assert!(!lo[0].conflicts(&v4only[0]), "different host addresses");
+        let udp = elements(&[pm(8080, "udp", "192.0.2.1")], &ips).unwrap();
+        assert!(!udp[0].conflicts(&v4only[0]), "different protocols");
+        assert!(elements(&[pm(1, "icmp", "")], &ips).is_err());
+        assert!(elements(&[pm(0, "tcp", "")], &ips).is_err());
+        assert!(elements(&[pm(1, "tcp", "fd00::1")], &ips[..1]).is_err());
+        assert_eq!(any[0].key(), "tcp . 8080");
+        assert_eq!(v4only[0].key(), "192.0.2.1 . tcp . 8080");
+    }
+}

@@ -1,0 +1,315 @@
+//! hostPort (the `portMappings` capability) for real: TCP and UDP through the node's ports from
+//! outside, from the node itself (node IP and 127.0.0.1), from another pod and from the pod
+//! itself; hostIP binding; the conformance test's triple; DEL, conflicts, parallel pods, stale
+//! UDP conntrack, and the stock `portmap` chained after pontoon instead.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use serde_json::{Value, json};
+
+/// A TCP+UDP server in a pod answering "<tag> <peer address>".
+struct PodServer(Child);
+
+impl PodServer {
+    fn start(netns: &str, tag: &str, port: u16) -> PodServer {
+        let name = std::path::Path::new(netns)
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let code = format!(
+            r#"
+import socket, threading
+def tcp():
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", {port})); s.listen(64)
+    while True:
+        c, p = s.accept(); c.sendall(("{tag} " + p[0] + "\n").encode()); c.close()
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", {port}))
+    while True:
+        d, p = s.recvfrom(100); s.sendto(("{tag} " + p[0]).encode(), p)
+threading.Thread(target=udp, daemon=True).start()
+threading.Thread(target=tcp, daemon=True).start()
+print("ready", flush=True)
+import time
+while True: time.sleep(3600)
+"#
+        );
+        let mut c = Command::new("ip")
+            .args(["netns", "exec", &name, "python3", "-c", &code])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(c.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        PodServer(c)
+    }
+}
+
+impl Drop for PodServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Talks to addr:port from namespace `ns` (a name or a netns path); None if nothing answers.
+fn talk(ns: &str, proto: &str, addr: &str, port: u16, src_port: Option<u16>) -> Option<String> {
+    let name = std::path::Path::new(ns)
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    let bind = src_port
+        .map(|p| format!("s.bind(('0.0.0.0', {p}));"))
+        .unwrap_or_default();
+    let code = match proto {
+        "tcp" => format!(
+            "import socket; s=socket.create_connection(({addr:?},{port}),2); print(s.recv(100).decode().strip())"
+        ),
+        _ => format!(
+            "import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); {bind} s.settimeout(2); s.sendto(b'x',({addr:?},{port})); print(s.recv(100).decode())"
+        ),
+    };
+    let o = Command::new("ip")
+        .args(["netns", "exec", name, "python3", "-c", &code])
+        .output()
+        .unwrap();
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+fn conf_with(node: &Node, mappings: Value) -> Value {
+    let mut c = node.conf(
+        "1.0.0",
+        v4(),
+        json!({"capabilities": {"portMappings": true}}),
+    );
+    c["runtimeConfig"] = json!({"portMappings": mappings});
+    c
+}
+
+fn table(node: &Node) -> String {
+    String::from_utf8_lossy(
+        &node
+            .exec(&["nft", "list", "table", "inet", "pontoon"])
+            .stdout,
+    )
+    .into_owned()
+}
+
+#[test]
+fn host_ports_reach_the_pod_from_everywhere() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new("hp");
+    let out = node.add_outside();
+    let a = node.pod("a");
+    let b = node.pod("b");
+    let plain = node.conf("1.0.0", v4(), json!({}));
+    let conf = conf_with(
+        &node,
+        json!([
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+        {"hostPort": 5353, "containerPort": 80, "protocol": "udp"},
+        {"hostPort": 9090, "containerPort": 80, "protocol": "tcp", "hostIP": "192.0.2.1"}]),
+    );
+    let ra = node.cni("ADD", "a", &a, "eth0", &conf).ok();
+    node.cni("ADD", "b", &b, "eth0", &plain).ok();
+    let _srv = PodServer::start(&a, "A", 80);
+    let ia = result_ips(&ra)[0].clone();
+    // From outside: the pod sees the real client.
+    assert_eq!(
+        talk(&out, "tcp", "192.0.2.1", 8080, None).as_deref(),
+        Some("A 192.0.2.2")
+    );
+    assert_eq!(
+        talk(&out, "udp", "192.0.2.1", 5353, None).as_deref(),
+        Some("A 192.0.2.2")
+    );
+    // From the node itself, by its address and by 127.0.0.1.
+    assert!(talk(&node.name, "tcp", "192.0.2.1", 8080, None).is_some_and(|s| s.starts_with("A ")));
+    assert!(talk(&node.name, "tcp", "127.0.0.1", 8080, None).is_some_and(|s| s.starts_with("A ")));
+    assert!(talk(&node.name, "udp", "127.0.0.1", 5353, None).is_some_and(|s| s.starts_with("A ")));
+    // From another pod on the bridge, and hairpin: the pod through its own hostPort.
+    assert!(talk(&b, "tcp", "192.0.2.1", 8080, None).is_some_and(|s| s.starts_with("A ")));
+    assert!(
+        talk(&a, "tcp", "192.0.2.1", 8080, None).is_some_and(|s| s.starts_with("A ")),
+        "hairpin"
+    );
+    // hostIP-bound: answers on that address only.
+    assert!(talk(&out, "tcp", "192.0.2.1", 9090, None).is_some());
+    assert!(
+        talk(&node.name, "tcp", "127.0.0.1", 9090, None).is_none(),
+        "9090 is bound to 192.0.2.1 only"
+    );
+    // CHECK sees the mappings; after DEL the ports are closed and the maps hold nothing of it.
+    let mut chk = conf.clone();
+    chk["prevResult"] = ra.clone();
+    node.cni("CHECK", "a", &a, "eth0", &chk).ok();
+    assert!(table(&node).contains(&ia));
+    node.cni("DEL", "a", "", "eth0", &conf).ok();
+    assert!(!table(&node).contains(&ia), "{}", table(&node));
+    assert!(talk(&out, "tcp", "192.0.2.1", 8080, None).is_none());
+}
+
+#[test]
+fn the_conformance_triple_and_conflicts() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new("hp3");
+    let out = node.add_outside();
+    // Same port: 127.0.0.1/TCP, nodeIP/TCP, nodeIP/UDP on three pods (sig-network HostPort).
+    let specs = [
+        ("127.0.0.1", "tcp", "P1"),
+        ("192.0.2.1", "tcp", "P2"),
+        ("192.0.2.1", "udp", "P3"),
+    ];
+    let mut servers = vec![];
+    for (i, (ip, proto, tag)) in specs.iter().enumerate() {
+        let ns = node.pod(&format!("p{i}"));
+        let conf = conf_with(
+            &node,
+            json!([{"hostPort": 54323, "containerPort": 8080, "protocol": proto, "hostIP": ip}]),
+        );
+        node.cni("ADD", &format!("p{i}"), &ns, "eth0", &conf).ok();
+        servers.push(PodServer::start(&ns, tag, 8080));
+    }
+    assert!(
+        talk(&node.name, "tcp", "127.0.0.1", 54323, None).is_some_and(|s| s.starts_with("P1 "))
+    );
+    assert!(talk(&out, "tcp", "192.0.2.1", 54323, None).is_some_and(|s| s.starts_with("P2 ")));
+    assert!(talk(&out, "udp", "192.0.2.1", 54323, None).is_some_and(|s| s.starts_with("P3 ")));
+    // A fourth pod asking for nodeIP/TCP 54323 (or all addresses/TCP) is refused, cleanly.
+    for host_ip in ["192.0.2.1", ""] {
+        let ns = node.pod(&format!("x{}", host_ip.len()));
+        let conf = conf_with(
+            &node,
+            json!([{"hostPort": 54323, "containerPort": 80, "protocol": "tcp", "hostIP": host_ip}]),
+        );
+        let msg = node.cni("ADD", "x", &ns, "eth0", &conf).err(101);
+        assert!(
+            msg.contains("54323") && msg.contains("already mapped"),
+            "{msg}"
+        );
+        assert_eq!(
+            node.allocations("testnet").len(),
+            3,
+            "the refused pod holds an address"
+        );
+        assert_eq!(node.veths().len(), 3, "the refused pod left a veth");
+    }
+    assert!(talk(&out, "tcp", "192.0.2.1", 54323, None).is_some_and(|s| s.starts_with("P2 ")));
+}
+
+#[test]
+fn parallel_pods_with_host_ports_leave_a_clean_table() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new("hppar");
+    let pods: Vec<String> = (0..32).map(|i| node.pod(&format!("p{i}"))).collect();
+    let confs: Vec<Value> = (0..32)
+        .map(|i| conf_with(&node, json!([{"hostPort": 20000 + i, "containerPort": 80, "protocol": "tcp"},
+                                          {"hostPort": 21000 + i, "containerPort": 53, "protocol": "udp"}])))
+        .collect();
+    std::thread::scope(|s| {
+        for (i, ns) in pods.iter().enumerate() {
+            let (node, conf) = (&node, &confs[i]);
+            s.spawn(move || node.cni("ADD", &format!("c{i}"), ns, "eth0", conf).ok());
+        }
+    });
+    let t = table(&node);
+    assert_eq!(t.matches(" : 10.88.0.").count(), 64, "{t}");
+    std::thread::scope(|s| {
+        for (i, ns) in pods.iter().enumerate() {
+            let (node, conf) = (&node, &confs[i]);
+            s.spawn(move || node.cni("DEL", &format!("c{i}"), ns, "eth0", conf).ok());
+        }
+    });
+    let t = table(&node);
+    assert_eq!(t.matches("elements").count(), 0, "{t}");
+}
+
+#[test]
+fn udp_conntrack_is_flushed_when_a_mapping_moves() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new("hpct");
+    let out = node.add_outside();
+    let conf = conf_with(
+        &node,
+        json!([{"hostPort": 5353, "containerPort": 53, "protocol": "udp"}]),
+    );
+    let a = node.pod("a");
+    node.cni("ADD", "a", &a, "eth0", &conf).ok();
+    let sa = PodServer::start(&a, "A", 53);
+    // The same client flow (fixed source port) before and after the pod behind the port changes.
+    assert!(talk(&out, "udp", "192.0.2.1", 5353, Some(40000)).is_some_and(|s| s.starts_with("A ")));
+    node.cni("DEL", "a", &a, "eth0", &conf).ok();
+    drop(sa);
+    let b = node.pod("b");
+    node.cni("ADD", "b", &b, "eth0", &conf).ok();
+    let _sb = PodServer::start(&b, "B", 53);
+    assert!(
+        talk(&out, "udp", "192.0.2.1", 5353, Some(40000)).is_some_and(|s| s.starts_with("B ")),
+        "the old conntrack entry still sends the flow to the deleted pod"
+    );
+}
+
+#[test]
+fn the_stock_portmap_plugin_chained_after_pontoon_works() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new("hpchain");
+    let out = node.add_outside();
+    let ns = node.pod("a");
+    let plain = node.conf("1.0.0", v4(), json!({}));
+    let r = node.cni("ADD", "a", &ns, "eth0", &plain).ok();
+    let pm = json!({"cniVersion": "1.0.0", "name": "testnet", "type": "portmap", "prevResult": r,
+                    "runtimeConfig": {"portMappings": [{"hostPort": 7070, "containerPort": 80, "protocol": "tcp"}]}});
+    let run = |cmd: &str, stdin: &Value| {
+        use std::io::Write;
+        let mut c = Command::new("ip")
+            .args(["netns", "exec", &node.name, "/usr/lib/cni/portmap"])
+            .env("CNI_COMMAND", cmd)
+            .env("CNI_CONTAINERID", "a")
+            .env("CNI_NETNS", &ns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.to_string().as_bytes())
+            .unwrap();
+        let o = c.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "portmap {cmd}: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    };
+    run("ADD", &pm);
+    let _srv = PodServer::start(&ns, "A", 80);
+    assert!(talk(&out, "tcp", "192.0.2.1", 7070, None).is_some_and(|s| s.starts_with("A ")));
+    run("DEL", &pm);
+    node.cni("DEL", "a", &ns, "eth0", &plain).ok();
+}
