@@ -88,6 +88,9 @@ fn add_for_every_version_has_the_right_shape_and_state() {
     }
     assert!(node.allocations("testnet").is_empty());
     assert!(node.veths().is_empty());
+    // Without ipMasq or port mappings an ADD never touches the firewall (no nft on the hot path).
+    let tables = node.node_ok(&["nft", "list", "tables"]);
+    assert!(!tables.contains("pontoon"), "{tables}");
 }
 
 #[test]

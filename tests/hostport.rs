@@ -212,6 +212,27 @@ fn the_conformance_triple_and_conflicts() {
         assert_eq!(node.veths().len(), 3, "the refused pod left a veth");
     }
     assert!(talk(&out, "tcp", "192.0.2.1", 54323, None).is_some_and(|s| s.starts_with("P2 ")));
+    // The network's pool changes (new subnet and bridge): the hostPort chains are re-created.
+    for i in 0..3 {
+        node.cni(
+            "DEL",
+            &format!("p{i}"),
+            "",
+            "eth0",
+            &node.conf("1.0.0", v4(), json!({})),
+        )
+        .ok();
+    }
+    let ns = node.pod("moved");
+    let mut conf = conf_with(
+        &node,
+        json!([{"hostPort": 54323, "containerPort": 8080, "protocol": "tcp"}]),
+    );
+    conf["bridge"] = json!("cni9");
+    conf["ipam"]["ranges"] = json!([[{"subnet": "10.87.0.0/24"}]]);
+    node.cni("ADD", "moved", &ns, "eth0", &conf).ok();
+    servers.push(PodServer::start(&ns, "M", 8080));
+    assert!(talk(&out, "tcp", "192.0.2.1", 54323, None).is_some_and(|s| s.starts_with("M ")));
 }
 
 #[test]

@@ -325,7 +325,8 @@ pub fn spec_from(
         mtu,
         data_dir,
         loopback,
-        port_mappings: false,
+        // kubelet passes hostPort mappings only to plugins declaring the capability.
+        port_mappings: true,
     }
 }
 

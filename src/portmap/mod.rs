@@ -201,11 +201,16 @@ fn base_script(h: &str, bridge: &str, subnets: &[IpNetwork], comment: &str) -> S
             "type nat hook postrouting priority srcnat; policy accept; ".into(),
         ),
     ];
-    for (c, hook) in &chains {
-        s.push_str(&format!(
-            "add chain inet {t} {c}\nflush chain inet {t} {c}\ndelete chain inet {t} {c}\n"
-        ));
-        let _ = hook;
+    // Replace the chains whether or not they exist: flush every one first (dropping the jumps
+    // into hp_), then delete them, then create them again.
+    for (c, _) in &chains {
+        s.push_str(&format!("add chain inet {t} {c}\n"));
+    }
+    for (c, _) in &chains {
+        s.push_str(&format!("flush chain inet {t} {c}\n"));
+    }
+    for (c, _) in chains.iter().rev() {
+        s.push_str(&format!("delete chain inet {t} {c}\n"));
     }
     // The jump chain must exist before the base chains that reference it.
     for (c, hook) in &chains {
@@ -310,6 +315,9 @@ impl HostPorts<'_> {
     /// Installs `owner`'s mappings; a conflicting mapping of another attachment is an error and
     /// nothing is installed.
     pub fn add(&self, owner: &Owner, mappings: &[PortMapping], pod_ips: &[IpAddr]) -> Result<()> {
+        if mappings.is_empty() && !state_path(self.pool, owner).exists() {
+            return Ok(()); // the common case: nothing to do, no lock, no exec
+        }
         let els = elements(mappings, pod_ips)?;
         // The pool lock serialises conflict checks and state changes.
         let _lock = self.pool.open()?;
