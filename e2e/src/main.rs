@@ -330,7 +330,7 @@ fn pontoon_plugin(work: &Path, subnet: &str) -> Value {
     } else {
         "cni2"
     };
-    json!({"type": "pontoon", "bridge": bridge, "isGateway": true, "isDefaultGateway": true,
+    json!({"type": "pontoon", "bridge": bridge, "capabilities": {"portMappings": true}, "isGateway": true, "isDefaultGateway": true,
            "ipMasq": true, "logFile": work.join("pontoon.log"),
            "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": work.join("ipam")}})
 }
@@ -341,7 +341,12 @@ fn reference_plugin(work: &Path, subnet: &str) -> Value {
 }
 
 fn pod_config(name: &str) -> PodSandboxConfig {
+    pod_config_ports(name, vec![])
+}
+
+fn pod_config_ports(name: &str, port_mappings: Vec<k8s_cri::v1::PortMapping>) -> PodSandboxConfig {
     PodSandboxConfig {
+        port_mappings,
         metadata: Some(PodSandboxMetadata {
             name: name.into(),
             uid: format!("uid-{name}"),
@@ -367,10 +372,14 @@ struct Pod {
 }
 
 async fn run_pod(cri: &mut Cri, name: &str) -> Result<(Pod, Duration), String> {
+    run_pod_with(cri, pod_config(name)).await
+}
+
+async fn run_pod_with(cri: &mut Cri, config: PodSandboxConfig) -> Result<(Pod, Duration), String> {
     let t = Instant::now();
     let id = cri
         .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_config(name)),
+            config: Some(config),
             runtime_handler: String::new(),
         })
         .await
@@ -659,6 +668,41 @@ async fn run(world: &mut World, r: &mut Report, pontoon: &Path) -> Result<(), St
     r.check(
         seen == "192.0.2.1",
         &format!("egress is masqueraded: the outside host sees {seen:?}"),
+    );
+    // hostPort: kubelet's port mappings reach pontoon through containerd's portMappings.
+    let (hp, _) = run_pod_with(
+        &mut cri,
+        pod_config_ports(
+            "pod-hp",
+            vec![k8s_cri::v1::PortMapping {
+                protocol: 0, // TCP
+                container_port: 80,
+                host_port: 8080,
+                host_ip: String::new(),
+            }],
+        ),
+    )
+    .await?;
+    let net = format!("--net=/proc/{}/ns/net", hp.pid);
+    let serve = "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0',80)); s.listen(8)\nwhile True:\n c,p=s.accept(); c.sendall(b'hostport'); c.close()";
+    let mut server = Command::new("nsenter")
+        .args([net.as_str(), "python3", "-c", serve])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let probe = "import socket; s=socket.create_connection(('192.0.2.1',8080),3); print(s.recv(64).decode().strip())";
+    let got = sh(&["ip", "netns", "exec", &outside, "python3", "-c", probe]);
+    r.check(
+        String::from_utf8_lossy(&got.stdout).trim() == "hostport",
+        "hostPort 8080 reaches the pod from outside the node",
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    remove_pod(&mut cri, &hp.id).await?;
+    let closed = sh(&["ip", "netns", "exec", &outside, "python3", "-c", probe]);
+    r.check(
+        !closed.status.success(),
+        "after Stop+Remove the hostPort is closed",
     );
     for p in [&a, &b] {
         remove_pod(&mut cri, &p.id).await?;

@@ -24,15 +24,25 @@ use crate::ipam::{Owner, Pool, store};
 use crate::masquerade::nftables::{TABLE, get_chain};
 use crate::masquerade::run_tool;
 
-/// One `runtimeConfig.portMappings` entry.
+/// One `runtimeConfig.portMappings` entry. containerd (go-cni) sends Go's field names
+/// (`HostPort`, ...), CRI-O and the spec camelCase; the Go plugins accept both because Go's
+/// JSON decoding ignores case, so pontoon accepts both too.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PortMapping {
+    #[serde(alias = "HostPort", alias = "hostport")]
     pub host_port: u16,
+    #[serde(alias = "ContainerPort", alias = "containerport")]
     pub container_port: u16,
-    #[serde(default = "tcp")]
+    #[serde(default = "tcp", alias = "Protocol")]
     pub protocol: String,
-    #[serde(default, rename = "hostIP")]
+    #[serde(
+        default,
+        rename = "hostIP",
+        alias = "HostIP",
+        alias = "hostIp",
+        alias = "hostip"
+    )]
     pub host_ip: String,
 }
 
@@ -458,6 +468,19 @@ mod tests {
             protocol: proto.into(),
             host_ip: host_ip.into(),
         }
+    }
+
+    #[test]
+    fn go_cni_field_names_are_accepted() {
+        let containerd: PortMapping = serde_json::from_str(
+            r#"{"HostPort":8080,"ContainerPort":80,"Protocol":"tcp","HostIP":""}"#,
+        )
+        .unwrap();
+        let spec: PortMapping = serde_json::from_str(
+            r#"{"hostPort":8080,"containerPort":80,"protocol":"tcp","hostIP":""}"#,
+        )
+        .unwrap();
+        assert_eq!(containerd, spec);
     }
 
     #[test]
