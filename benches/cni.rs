@@ -40,6 +40,8 @@ struct Contender {
     bin: PathBuf,
     data_dir: PathBuf,
     masq: bool,
+    /// Two hostPort mappings per pod (the reference chains the stock portmap plugin).
+    ports: bool,
 }
 
 impl Contender {
@@ -51,7 +53,7 @@ impl Contender {
         100 + self.idx
     }
 
-    fn conf(&self) -> Value {
+    fn conf(&self, i: usize) -> Value {
         let ty = match self.who {
             Who::Pontoon => "pontoon",
             _ => "bridge",
@@ -66,7 +68,17 @@ impl Contender {
             "ipMasq": self.masq,
             "ipam": {"type": "host-local", "ranges": [[{"subnet": format!("10.{}.0.0/16", self.subnet_octet())}]],
                      "dataDir": self.data_dir},
+            "capabilities": {"portMappings": true},
+            "runtimeConfig": {"portMappings": self.mappings(i)},
         })
+    }
+
+    fn mappings(&self, i: usize) -> Value {
+        if !self.ports {
+            return json!([]);
+        }
+        json!([{"hostPort": 30000 + i, "containerPort": 80, "protocol": "tcp"},
+               {"hostPort": 40000 + i, "containerPort": 53, "protocol": "udp"}])
     }
 
     fn pod_ip(&self, i: usize) -> String {
@@ -96,8 +108,47 @@ impl Contender {
                 run_batch(Some(pod), &inpod);
                 t.elapsed()
             }
+            Who::Reference if self.ports => {
+                let (d, out) = self.cni("ADD", pod, i);
+                let prev: Value = serde_json::from_str(&out).unwrap();
+                d + self.portmap("ADD", pod, i, prev)
+            }
             _ => self.cni("ADD", pod, i).0,
         }
+    }
+
+    /// The stock portmap plugin chained after bridge, as a runtime runs a conflist.
+    fn portmap(&self, verb: &str, pod: &str, i: usize, prev: Value) -> Duration {
+        let conf = json!({"cniVersion": "1.0.0", "name": format!("bench{}", self.idx), "type": "portmap",
+                          "capabilities": {"portMappings": true}, "prevResult": prev,
+                          "runtimeConfig": {"portMappings": self.mappings(i)}});
+        let t = Instant::now();
+        let mut child = Command::new(Path::new(REFERENCE_DIR).join("portmap"))
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_COMMAND", verb)
+            .env("CNI_CONTAINERID", format!("bench-{}-{i}", self.idx))
+            .env("CNI_NETNS", format!("/var/run/netns/{pod}"))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", REFERENCE_DIR)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn portmap");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "portmap {verb}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        t.elapsed()
     }
 
     fn del(&self, pod: &str, i: usize) -> Duration {
@@ -106,6 +157,9 @@ impl Contender {
                 let t = Instant::now();
                 run_batch(None, &format!("link del {}\n", self.veth(i)));
                 t.elapsed()
+            }
+            Who::Reference if self.ports => {
+                self.portmap("DEL", pod, i, Value::Null) + self.cni("DEL", pod, i).0
             }
             _ => self.cni("DEL", pod, i).0,
         }
@@ -130,7 +184,7 @@ impl Contender {
             .stdin
             .take()
             .unwrap()
-            .write_all(self.conf().to_string().as_bytes())
+            .write_all(self.conf(i).to_string().as_bytes())
             .unwrap();
         let out = child.wait_with_output().unwrap();
         let d = t.elapsed();
@@ -229,8 +283,12 @@ struct Bench {
 
 impl Bench {
     fn contenders(&mut self, masq: bool) -> Vec<Contender> {
+        self.contenders_with(masq, false, &[Who::Pontoon, Who::Reference, Who::Floor])
+    }
+
+    fn contenders_with(&mut self, masq: bool, ports: bool, who_list: &[Who]) -> Vec<Contender> {
         let mut v = Vec::new();
-        for who in [Who::Pontoon, Who::Reference, Who::Floor] {
+        for &who in who_list {
             self.next_idx += 1;
             let idx = self.next_idx;
             let bin = match who {
@@ -244,6 +302,7 @@ impl Bench {
                 bin,
                 data_dir: self.work.join(format!("ipam{idx}")),
                 masq,
+                ports,
             };
             if who == Who::Floor {
                 // The floor's bridge, made like a plugin would on first use.
@@ -292,6 +351,39 @@ impl Bench {
             let tag = if c.masq { " +masq" } else { "" };
             self.record(&format!("sequential ADD{tag}"), c.who, add[k].summary());
             self.record(&format!("sequential DEL{tag}"), c.who, del[k].summary());
+        }
+    }
+
+    /// ADD/DEL with two hostPort mappings per pod against pontoon without any, interleaved.
+    fn hostports(&mut self, n: usize) {
+        let mut cs = self.contenders_with(false, false, &[Who::Pontoon]);
+        cs.extend(self.contenders_with(false, true, &[Who::Pontoon, Who::Reference]));
+        let mut add: Vec<Stats> = cs.iter().map(|_| Stats::default()).collect();
+        let mut del: Vec<Stats> = cs.iter().map(|_| Stats::default()).collect();
+        let mut pods = Vec::new();
+        for i in 0..n {
+            let per: Vec<String> = cs
+                .iter()
+                .map(|c| self.pods.get(&format!("h{}-{i}", c.idx)))
+                .collect();
+            for (k, c) in cs.iter().enumerate() {
+                add[k].0.push(c.add(&per[k], i));
+            }
+            pods.push(per);
+        }
+        for (i, per) in pods.iter().enumerate() {
+            for (k, c) in cs.iter().enumerate() {
+                del[k].0.push(c.del(&per[k], i));
+            }
+        }
+        for (k, c) in cs.iter().enumerate() {
+            let row = if c.ports {
+                "2 hostPorts"
+            } else {
+                "0 hostPorts"
+            };
+            self.record(&format!("ADD, {row}"), c.who, add[k].summary());
+            self.record(&format!("DEL, {row}"), c.who, del[k].summary());
         }
     }
 
@@ -484,6 +576,7 @@ fn main() {
             (100, 8, 200, vec![10, 100, 250], 20, 1000)
         };
         b.sequential(n);
+        b.hostports(if quick { 3 } else { 50 });
         b.parallel(par, total);
         b.scale(&levels, samples, prealloc);
         b.print();
