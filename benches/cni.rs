@@ -324,66 +324,53 @@ impl Bench {
         self.rows.entry(row.to_string()).or_default().insert(who, v);
     }
 
-    /// N pods ADDed then DELed, contenders (with and without masquerade) interleaved pod by
-    /// pod. The floor has no masquerade: its "+masq" row is the same floor again.
+    /// N pods ADDed, then DELed, contenders interleaved pod by pod; the ADD and DEL latencies
+    /// of each contender.
+    fn interleaved(&mut self, cs: &[Contender], n: usize, tag: &str) -> Vec<(Stats, Stats)> {
+        let mut st: Vec<(Stats, Stats)> = cs.iter().map(|_| Default::default()).collect();
+        let mut pods = Vec::new();
+        for i in 0..n {
+            let per: Vec<String> = cs
+                .iter()
+                .map(|c| self.pods.get(&format!("{tag}{}-{i}", c.idx)))
+                .collect();
+            for (k, c) in cs.iter().enumerate() {
+                st[k].0.0.push(c.add(&per[k], i));
+            }
+            pods.push(per);
+        }
+        for (i, per) in pods.iter().enumerate() {
+            for (k, c) in cs.iter().enumerate() {
+                st[k].1.0.push(c.del(&per[k], i));
+            }
+        }
+        st
+    }
+
+    /// Sequential pods, with and without masquerade. The floor has no masquerade: its "+masq"
+    /// row is the same floor again.
     fn sequential(&mut self, n: usize) {
         let mut cs = self.contenders(false);
         cs.extend(self.contenders(true));
-        let mut add: Vec<Stats> = cs.iter().map(|_| Stats::default()).collect();
-        let mut del: Vec<Stats> = cs.iter().map(|_| Stats::default()).collect();
-        let mut pods = Vec::new();
-        for i in 0..n {
-            let per: Vec<String> = cs
-                .iter()
-                .map(|c| self.pods.get(&format!("s{}-{i}", c.idx)))
-                .collect();
-            for (k, c) in cs.iter().enumerate() {
-                add[k].0.push(c.add(&per[k], i));
-            }
-            pods.push(per);
-        }
-        for (i, per) in pods.iter().enumerate() {
-            for (k, c) in cs.iter().enumerate() {
-                del[k].0.push(c.del(&per[k], i));
-            }
-        }
-        for (k, c) in cs.iter().enumerate() {
+        for (c, (add, del)) in cs.iter().zip(self.interleaved(&cs, n, "s")) {
             let tag = if c.masq { " +masq" } else { "" };
-            self.record(&format!("sequential ADD{tag}"), c.who, add[k].summary());
-            self.record(&format!("sequential DEL{tag}"), c.who, del[k].summary());
+            self.record(&format!("sequential ADD{tag}"), c.who, add.summary());
+            self.record(&format!("sequential DEL{tag}"), c.who, del.summary());
         }
     }
 
-    /// ADD/DEL with two hostPort mappings per pod against pontoon without any, interleaved.
+    /// ADD/DEL with two hostPort mappings per pod against pontoon without any.
     fn hostports(&mut self, n: usize) {
         let mut cs = self.contenders_with(false, false, &[Who::Pontoon]);
         cs.extend(self.contenders_with(false, true, &[Who::Pontoon, Who::Reference]));
-        let mut add: Vec<Stats> = cs.iter().map(|_| Stats::default()).collect();
-        let mut del: Vec<Stats> = cs.iter().map(|_| Stats::default()).collect();
-        let mut pods = Vec::new();
-        for i in 0..n {
-            let per: Vec<String> = cs
-                .iter()
-                .map(|c| self.pods.get(&format!("h{}-{i}", c.idx)))
-                .collect();
-            for (k, c) in cs.iter().enumerate() {
-                add[k].0.push(c.add(&per[k], i));
-            }
-            pods.push(per);
-        }
-        for (i, per) in pods.iter().enumerate() {
-            for (k, c) in cs.iter().enumerate() {
-                del[k].0.push(c.del(&per[k], i));
-            }
-        }
-        for (k, c) in cs.iter().enumerate() {
+        for (c, (add, del)) in cs.iter().zip(self.interleaved(&cs, n, "h")) {
             let row = if c.ports {
                 "2 hostPorts"
             } else {
                 "0 hostPorts"
             };
-            self.record(&format!("ADD, {row}"), c.who, add[k].summary());
-            self.record(&format!("DEL, {row}"), c.who, del[k].summary());
+            self.record(&format!("ADD, {row}"), c.who, add.summary());
+            self.record(&format!("DEL, {row}"), c.who, del.summary());
         }
     }
 

@@ -34,8 +34,7 @@ fn lo_in(netns: &NetNs) -> Result<(Netlink, u32, bool)> {
 
 pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>> {
     if env.command == Command::Version {
-        let requested = cni::config::sniff_version(stdin).unwrap_or(cni::version::LATEST.into());
-        return Ok(Some(cni::result::version_reply(&requested)));
+        return Ok(Some(cni::version_answer(stdin)));
     }
     let conf = NetConf::parse(stdin)?;
     match env.command {

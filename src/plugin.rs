@@ -48,8 +48,7 @@ struct Addressing {
 /// Runs one CNI invocation; `Some(json)` is printed on stdout.
 pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>> {
     if env.command == Command::Version {
-        let requested = cni::config::sniff_version(stdin).unwrap_or(cni::version::LATEST.into());
-        return Ok(Some(cni::result::version_reply(&requested)));
+        return Ok(Some(cni::version_answer(stdin)));
     }
     let conf = NetConf::parse(stdin)?;
     match env.command {

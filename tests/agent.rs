@@ -94,30 +94,20 @@ fn add_pod(node_dir: &Path, ns: &str, cid: &str, pod: &str) -> Value {
     let mut conf = list["plugins"][0].clone();
     conf["name"] = list["name"].clone();
     conf["cniVersion"] = list["cniVersion"].clone();
-    let mut c = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(node_dir.join("bin/pontoon"))
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", cid)
-        .env("CNI_NETNS", format!("/var/run/netns/{pod}"))
-        .env("CNI_IFNAME", "eth0")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = c.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let netns = format!("/var/run/netns/{pod}");
+    let env = [
+        ("CNI_CONTAINERID", cid),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    cni_exec(
+        ns,
+        &node_dir.join("bin/pontoon"),
+        "ADD",
+        &env,
+        conf.to_string().as_bytes(),
+    )
+    .ok()
 }
 
 #[test]

@@ -303,30 +303,14 @@ fn the_stock_portmap_plugin_chained_after_pontoon_works() {
     let r = node.cni("ADD", "a", &ns, "eth0", &plain).ok();
     let pm = json!({"cniVersion": "1.0.0", "name": "testnet", "type": "portmap", "prevResult": r,
                     "runtimeConfig": {"portMappings": [{"hostPort": 7070, "containerPort": 80, "protocol": "tcp"}]}});
+    let env = [
+        ("CNI_CONTAINERID", "a"),
+        ("CNI_NETNS", ns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let portmap = std::path::Path::new("/usr/lib/cni/portmap");
     let run = |cmd: &str, stdin: &Value| {
-        use std::io::Write;
-        let mut c = Command::new("ip")
-            .args(["netns", "exec", &node.name, "/usr/lib/cni/portmap"])
-            .env("CNI_COMMAND", cmd)
-            .env("CNI_CONTAINERID", "a")
-            .env("CNI_NETNS", &ns)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", "/usr/lib/cni")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        c.stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.to_string().as_bytes())
-            .unwrap();
-        let o = c.wait_with_output().unwrap();
-        assert!(
-            o.status.success(),
-            "portmap {cmd}: {}",
-            String::from_utf8_lossy(&o.stdout)
-        );
+        cni_exec(&node.name, portmap, cmd, &env, stdin.to_string().as_bytes()).ok();
     };
     run("ADD", &pm);
     let _srv = PodServer::start(&ns, "A", 80);

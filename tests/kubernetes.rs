@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::*;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -182,29 +180,14 @@ fn loopback_mode_brings_lo_up_as_containerd_expects() {
     );
     let conf = json!({"cniVersion": "0.3.1", "name": "cni-loopback", "type": "loopback"});
     let run = |cmd: &str, netns: &str| {
-        use std::io::Write;
-        let mut c = std::process::Command::new("ip")
-            .args(["netns", "exec", &node.name])
-            .arg(&lo)
-            .env("CNI_COMMAND", cmd)
-            .env("CNI_CONTAINERID", "c1")
-            .env("CNI_NETNS", netns)
-            .env("CNI_IFNAME", "lo")
-            .env("CNI_PATH", &dir)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        c.stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
-        c.wait_with_output().unwrap()
+        let env = [
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", netns),
+            ("CNI_IFNAME", "lo"),
+        ];
+        cni_exec(&node.name, &lo, cmd, &env, conf.to_string().as_bytes())
     };
-    let o = run("ADD", &ns);
-    assert!(o.status.success());
-    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = run("ADD", &ns).ok();
     assert_eq!(r["cniVersion"], "0.3.1");
     assert_eq!(r["interfaces"][0]["name"], "lo");
     assert_eq!(r["ips"][0]["address"], "127.0.0.1/8");
@@ -218,13 +201,9 @@ fn loopback_mode_brings_lo_up_as_containerd_expects() {
             .status
             .success()
     );
-    let mut check = conf.clone();
-    check["cniVersion"] = json!("1.0.0");
-    assert!(run("DEL", &ns).status.success());
-    assert!(run("DEL", "").status.success(), "DEL with an empty netns");
-    let v = run("VERSION", "");
-    assert!(String::from_utf8_lossy(&v.stdout).contains("0.3.1"));
-    let _ = Path::new("/");
+    run("DEL", &ns).ok();
+    run("DEL", "").ok(); // with an empty netns
+    assert!(run("VERSION", "").stdout.contains("0.3.1"));
 }
 
 /// The manifests deserialize strictly into the Kubernetes API types and carry what a CNI

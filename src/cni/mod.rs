@@ -14,6 +14,12 @@ use serde_json::{Value, json};
 
 use crate::error::Error;
 
+/// The VERSION verb's answer: the versions pontoon speaks, in the version stdin asked for.
+pub fn version_answer(stdin: &[u8]) -> Value {
+    let requested = config::sniff_version(stdin).unwrap_or(version::LATEST.into());
+    result::version_reply(&requested)
+}
+
 /// The CNI error object `{"cniVersion","code","msg","details"}`; printed on stdout with a
 /// non-zero exit, where libcni reads it.
 pub fn error_reply(err: &Error, cni_version: &str) -> Value {

@@ -134,27 +134,7 @@ impl Node {
     }
 
     pub fn cni_env(&self, cmd: &str, env: &[(&str, &str)], stdin: &[u8]) -> Reply {
-        use std::io::Write;
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, BIN])
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("CNI_COMMAND", cmd)
-            .env("CNI_PATH", "/usr/lib/cni")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        let mut child = c.spawn().expect("spawn pontoon");
-        let _ = child.stdin.take().unwrap().write_all(stdin);
-        let out = child.wait_with_output().unwrap();
-        Reply {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        cni_exec(&self.name, Path::new(BIN), cmd, env, stdin)
     }
 
     /// Runs a command inside the node namespace.
@@ -248,6 +228,33 @@ impl Drop for Node {
                 "the machine's root netns links changed"
             );
         }
+    }
+}
+
+/// Runs CNI plugin `bin` inside namespace `ns` exactly as a runtime would: a clean environment
+/// with `CNI_COMMAND` (plus `env`, `CNI_PATH` defaulting to the Go reference's dir) and `stdin`.
+pub fn cni_exec(ns: &str, bin: &Path, cmd: &str, env: &[(&str, &str)], stdin: &[u8]) -> Reply {
+    use std::io::Write;
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns])
+        .arg(bin)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", cmd)
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().expect("spawn a CNI plugin");
+    let _ = child.stdin.take().unwrap().write_all(stdin);
+    let out = child.wait_with_output().unwrap();
+    Reply {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 
