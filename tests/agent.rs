@@ -243,6 +243,14 @@ fn three_nodes_route_pods_to_each_other_and_follow_node_changes() {
     // Egress to the outside is masqueraded to the node's address.
     assert_eq!(whoami(&pods[0].1, "192.0.2.100"), "192.0.2.11");
     assert_eq!(whoami(&pods[3].1, "192.0.2.100"), "192.0.2.12");
+    // Something flushes the node's whole ruleset: the agent puts masquerade back.
+    let n1 = format!("{prefix}-n1");
+    assert!(exec(&n1, &["nft", "flush", "ruleset"]).status.success());
+    wait_for("masquerade to come back on n1", || {
+        String::from_utf8_lossy(&exec(&n1, &["nft", "list", "table", "inet", "pontoon"]).stdout)
+            .contains("masquerade")
+    });
+    assert_eq!(whoami(&pods[0].1, "192.0.2.100"), "192.0.2.11");
     // Health.
     let h = exec(
         &format!("{prefix}-n1"),

@@ -385,3 +385,32 @@ fn a_recycled_address_is_announced_with_the_new_mac() {
         "node still caches the old MAC: {neigh} (new {mac})"
     );
 }
+
+#[test]
+fn other_ipam_plugins_are_delegated() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new("deleg");
+    let mut conf = node.conf("1.0.0", v4(), json!({}));
+    conf["ipam"] = json!({"type": "static", "addresses": [{"address": "10.77.0.9/24", "gateway": "10.77.0.1"}]});
+    let ns = node.pod("p");
+    let r = node.cni("ADD", "c1", &ns, "eth0", &conf).ok();
+    assert_eq!(result_ips(&r), ["10.77.0.9"]);
+    assert!(
+        node.in_pod_ok(&ns, &["ip", "-o", "addr", "show", "dev", "eth0"])
+            .contains("10.77.0.9/24")
+    );
+    assert!(
+        node.ping(&ns, "10.77.0.1"),
+        "the gateway from the delegated result is on the bridge"
+    );
+    node.cni("DEL", "c1", &ns, "eth0", &conf).ok();
+    assert!(node.veths().is_empty());
+    // A missing plugin is a clear config error, and nothing is left.
+    conf["ipam"] = json!({"type": "no-such-ipam"});
+    let ns2 = node.pod("q");
+    let msg = node.cni("ADD", "c2", &ns2, "eth0", &conf).err(7);
+    assert!(msg.contains("no-such-ipam"), "{msg}");
+    assert!(node.veths().is_empty());
+}

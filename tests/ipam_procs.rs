@@ -208,3 +208,41 @@ fn sigkill_at_random_instants_never_leaks_an_address() {
     assert!(left.is_empty(), "leaked: {left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// DEL and the repeated-ADD check read only the attachment's own entry: with 1,000 other
+/// allocations in the pool, each a FIFO that would block any reader (host-local's directory
+/// walk reads every file), they still finish at once.
+#[test]
+fn release_and_re_add_do_not_read_other_allocations() {
+    let dir = tmp("flat");
+    let p = Pool::from_config(
+        "net",
+        &json!({"type": "host-local", "subnet": "10.60.0.0/16", "dataDir": dir}),
+        None,
+    )
+    .unwrap();
+    let me = Owner::new("me", "eth0");
+    let mine = p.allocate(&me, &[]).unwrap();
+    let netdir = dir.join("net");
+    for k in 0..1000u32 {
+        let ip = format!("10.60.{}.{}", 10 + k / 250, 1 + k % 250);
+        nix::unistd::mkfifo(
+            &netdir.join(ip),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p2 = p.clone();
+    std::thread::spawn(move || {
+        let again = p2.allocate(&me, &[]).unwrap();
+        let released = p2.release(&me).unwrap();
+        tx.send((again, released)).unwrap();
+    });
+    let (again, released) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("blocked: something read the other allocations");
+    assert_eq!(again, mine, "a repeated ADD returns the held address");
+    assert_eq!(released, vec![mine[0].address.ip()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
