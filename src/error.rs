@@ -93,6 +93,10 @@ pub enum Error {
 
     #[error("internal error (please report): {0}")]
     Internal(String),
+
+    /// Several failures of one best-effort teardown, reported with the first one's code.
+    #[error("{msg}")]
+    Multiple { msg: String, code: u32 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -118,6 +122,7 @@ impl Error {
             Error::CheckFailed(_) => CHECK_FAILED,
             Error::Delegate(_, c) => *c,
             Error::Internal(_) => INTERNAL,
+            Error::Multiple { code, .. } => *code,
         }
     }
 
@@ -201,9 +206,6 @@ impl ErrorList {
         let code = first.code();
         let rest: Vec<String> = self.0.iter().map(|e| e.to_string()).collect();
         let msg = format!("{first}; also: {}", rest.join("; "));
-        Err(match code {
-            code::TRY_AGAIN_LATER => Error::TryAgainLater(msg),
-            _ => Error::Delegate(msg, code),
-        })
+        Err(Error::Multiple { msg, code })
     }
 }
