@@ -12,6 +12,7 @@
 //! and conflicts are found before anything is installed.
 
 pub mod conntrack;
+pub mod nftnl;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -307,19 +308,10 @@ impl HostPorts<'_> {
         Ok(())
     }
 
-    fn element_batch(&self, verb: &str, els: &[Element]) -> String {
+    /// The elements with the maps they go in.
+    fn placed<'e>(&self, els: &'e [Element]) -> Vec<(String, &'e Element)> {
         let h = self.hash();
-        els.iter()
-            .map(|e| {
-                let value = format!("{} . {}", e.pod_ip, e.pod_port);
-                let spec = if verb == "delete" {
-                    e.key()
-                } else {
-                    format!("{} : {value}", e.key())
-                };
-                format!("{verb} element inet {TABLE} {} {{ {spec} }}\n", e.map(&h))
-            })
-            .collect()
+        els.iter().map(|e| (e.map(&h), e)).collect()
     }
 
     /// Installs `owner`'s mappings; a conflicting mapping of another attachment is an error and
@@ -359,9 +351,9 @@ impl HostPorts<'_> {
             &state_path(self.pool, owner),
             &serde_json::to_vec(&els).unwrap(),
         )?;
-        let mut batch = self.element_batch("delete", &old);
-        batch.push_str(&self.element_batch("add", &els));
-        if let Err(e) = run_tool("nft", &["-f", "-"], Some(&batch)) {
+        // A repeated ADD replaces the attachment's earlier elements.
+        nftnl::change(TABLE, &self.placed(&old), false, true)?;
+        if let Err(e) = nftnl::change(TABLE, &self.placed(&els), true, false) {
             let _ = std::fs::remove_file(state_path(self.pool, owner));
             return Err(e);
         }
@@ -384,25 +376,9 @@ impl HostPorts<'_> {
         Ok(())
     }
 
+    /// Deletes elements, those already gone (a flushed ruleset) included.
     fn delete_elements(&self, els: &[Element]) -> Result<()> {
-        if run_tool(
-            "nft",
-            &["-f", "-"],
-            Some(&self.element_batch("delete", els)),
-        )
-        .is_ok()
-        {
-            return Ok(());
-        }
-        // Some were already gone (a flushed ruleset): delete the rest one by one.
-        for e in els {
-            let _ = run_tool(
-                "nft",
-                &["-f", "-"],
-                Some(&self.element_batch("delete", std::slice::from_ref(e))),
-            );
-        }
-        Ok(())
+        nftnl::change(TABLE, &self.placed(els), false, true)
     }
 
     /// CHECK: every recorded element of `owner` is installed.
@@ -445,12 +421,11 @@ impl HostPorts<'_> {
 }
 
 fn flush_udp(els: &[Element]) {
-    let ports: Vec<u16> = els
-        .iter()
-        .filter(|e| e.protocol == "udp")
-        .map(|e| e.host_port)
-        .collect();
-    match conntrack::flush_udp_ports(&ports) {
+    let udp: Vec<&Element> = els.iter().filter(|e| e.protocol == "udp").collect();
+    let ports: Vec<u16> = udp.iter().map(|e| e.host_port).collect();
+    let v4 = udp.iter().any(|e| e.v4());
+    let v6 = udp.iter().any(|e| !e.v4());
+    match conntrack::flush_udp_ports(&ports, v4, v6) {
         Ok(0) => {}
         Ok(n) => log::info!("flushed {n} stale UDP conntrack entries for hostPorts {ports:?}"),
         Err(e) => log::warn!("could not flush UDP conntrack entries: {e}"),
