@@ -21,7 +21,7 @@ NODE=$ID-node
 OUT=$ID-outside
 WORK=$(mktemp -d /tmp/pontoon-demo.XXXXXX)
 cleanup() {
-  for ns in $(ip netns list | awk '{print $1}' | grep "^$ID-" || true); do ip netns del "$ns"; done
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$ID-" || true); do ip netns del "$ns"; done
   [ -n "${ECHO_PID:-}" ] && kill "$ECHO_PID" 2>/dev/null || true
   rm -rf "$WORK"
 }
@@ -125,7 +125,7 @@ cni DEL pod-a "/var/run/netns/$ID-a"
 cni DEL pod-b "/var/run/netns/$ID-b"
 cni DEL pod-c ""
 left=$(find "$WORK/ipam/pontoon" -maxdepth 1 -type f -name '*[.:]*' ! -name 'last_reserved*' | wc -l)
-veths=$(ip -n "$NODE" -o link | grep -c ' pon' || true)
+veths=$(ip -n "$NODE" -o link 2>/dev/null | grep -c ' pon' || true)
 echo "  addresses still allocated: $left, pod veths left on the node: $veths"
 [ "$left" = 0 ] && [ "$veths" = 0 ] || ok=1
 
