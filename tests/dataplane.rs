@@ -273,7 +273,17 @@ fn failed_adds_leave_nothing_behind() {
     std::fs::write(&file, "").unwrap();
     node.cni("ADD", "c-file", file.to_str().unwrap(), "eth0", &conf)
         .err(103);
+    // Nor a directory.
+    let dir = node.dir.join("a-directory");
+    std::fs::create_dir_all(&dir).unwrap();
+    let msg = node
+        .cni("ADD", "c-dir", dir.to_str().unwrap(), "eth0", &conf)
+        .err(103);
+    assert!(msg.contains("not a network namespace"), "{msg}");
+    node.cni("DEL", "c-dir", dir.to_str().unwrap(), "eth0", &conf)
+        .ok();
     assert_eq!(node.allocations("testnet").len(), 4);
+    assert_eq!(node.veths().len(), 4);
 }
 
 #[test]
