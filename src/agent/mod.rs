@@ -14,6 +14,7 @@
 //! exits cleanly on SIGTERM/SIGINT, leaving routes and rules in place so pods keep working
 //! during an upgrade.
 
+#[cfg(feature = "kube")]
 pub mod kube;
 pub mod nodes;
 
@@ -301,7 +302,15 @@ pub fn run(opts: Options, mut source: Box<dyn NodeSource>) -> Result<i32> {
 
 /// The Kubernetes node source (watch-based; in-cluster config or a kubeconfig).
 pub fn kube_source(kubeconfig: Option<PathBuf>) -> Result<Box<dyn NodeSource>> {
-    Ok(Box::new(kube::KubeNodes::start(kubeconfig)?))
+    #[cfg(feature = "kube")]
+    return Ok(Box::new(kube::KubeNodes::start(kubeconfig)?));
+    #[cfg(not(feature = "kube"))]
+    {
+        let _ = kubeconfig;
+        Err(Error::config(
+            "this pontoon was built without the kube feature: use --nodes-file",
+        ))
+    }
 }
 
 /// The installer options shared by `pontoon install` and `pontoon agent`.
