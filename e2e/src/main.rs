@@ -185,8 +185,11 @@ fn holder_script(work: &Path) -> String {
             d = f[0]
         ));
     }
-    s.push_str("mkdir -p /run/containerd /var/lib/cni\n");
-    s.push_str("mount -t tmpfs tmpfs /run/containerd\nmount -t tmpfs tmpfs /var/lib/cni\n");
+    // containerd also pins sandbox netns as files in /run/netns: keep those private too.
+    s.push_str("mkdir -p /run/containerd /var/lib/cni /run/netns\n");
+    s.push_str(
+        "mount -t tmpfs tmpfs /run/containerd\nmount -t tmpfs tmpfs /var/lib/cni\nmount -t tmpfs tmpfs /run/netns\n",
+    );
     s.push_str(&format!(
         "echo ready > {}/holder.ready\nexec sleep 100000\n",
         work.display()
