@@ -321,7 +321,8 @@ fn three_nodes_route_pods_to_each_other_and_follow_node_changes() {
 }
 
 /// A stand-in Kubernetes API server: list and watch of Nodes over plain HTTP on the loopback of
-/// a namespace. Watch events are fed from files dropped into `events/`.
+/// a namespace, answering only requests with the kubeconfig's bearer token. Watch events are fed
+/// from files dropped into `events/`.
 const STAND_IN: &str = r#"
 import http.server, json, os, sys, time, glob
 root = sys.argv[1]
@@ -333,6 +334,8 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_response(200); self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(b))); self.end_headers(); self.wfile.write(b)
     def do_GET(self):
+        if self.headers.get("Authorization") != "Bearer test-token":
+            self.send_response(401); self.send_header("Content-Length", "0"); self.end_headers(); return
         if not self.path.startswith("/api/v1/nodes"):
             self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers(); return
         if "watch=true" in self.path or "watch=1" in self.path:
