@@ -122,33 +122,14 @@ impl Contender {
         let conf = json!({"cniVersion": "1.0.0", "name": format!("bench{}", self.idx), "type": "portmap",
                           "capabilities": {"portMappings": true}, "prevResult": prev,
                           "runtimeConfig": {"portMappings": self.mappings(i)}});
-        let t = Instant::now();
-        let mut child = Command::new(Path::new(REFERENCE_DIR).join("portmap"))
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("CNI_COMMAND", verb)
-            .env("CNI_CONTAINERID", format!("bench-{}-{i}", self.idx))
-            .env("CNI_NETNS", format!("/var/run/netns/{pod}"))
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", REFERENCE_DIR)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn portmap");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "portmap {verb}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        t.elapsed()
+        self.exec(
+            &Path::new(REFERENCE_DIR).join("portmap"),
+            verb,
+            pod,
+            i,
+            &conf,
+        )
+        .0
     }
 
     fn del(&self, pod: &str, i: usize) -> Duration {
@@ -166,8 +147,20 @@ impl Contender {
     }
 
     fn cni(&self, verb: &str, pod: &str, i: usize) -> (Duration, String) {
+        self.exec(&self.bin, verb, pod, i, &self.conf(i))
+    }
+
+    /// Runs plugin `bin` for pod `i` as a runtime does (env + stdin) and times the whole process.
+    fn exec(
+        &self,
+        bin: &Path,
+        verb: &str,
+        pod: &str,
+        i: usize,
+        conf: &Value,
+    ) -> (Duration, String) {
         let t = Instant::now();
-        let mut child = Command::new(&self.bin)
+        let mut child = Command::new(bin)
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("CNI_COMMAND", verb)
@@ -184,14 +177,15 @@ impl Contender {
             .stdin
             .take()
             .unwrap()
-            .write_all(self.conf(i).to_string().as_bytes())
+            .write_all(conf.to_string().as_bytes())
             .unwrap();
         let out = child.wait_with_output().unwrap();
         let d = t.elapsed();
         if !out.status.success() {
             panic!(
-                "{} {verb} failed: {} {}",
+                "{} ({}) {verb} failed: {} {}",
                 self.who.name(),
+                bin.display(),
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
