@@ -427,11 +427,11 @@ async fn remove_pod(cri: &mut Cri, id: &str) -> Result<(), String> {
 }
 
 async fn network_ready(cri: &mut Cri) -> (bool, String) {
-    let st = cri
-        .status(StatusRequest { verbose: false })
-        .await
-        .expect("CRI Status")
-        .into_inner();
+    // Right after a (re)start containerd answers "server is not initialized yet": not ready.
+    let st = match cri.status(StatusRequest { verbose: false }).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => return (false, format!("CRI Status failed: {}", e.message())),
+    };
     let cond = st
         .status
         .unwrap_or_default()
