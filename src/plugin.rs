@@ -579,13 +579,17 @@ fn status(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
 }
 
 /// Whether a link of that name exists in this (the node's) namespace; `true` on any doubt, so
-/// an error never makes a live allocation look stale.
+/// an error never makes a live allocation look stale. The socket is opened on first use: an
+/// ADD only asks when the pool is full.
 pub fn link_probe() -> Result<ipam::LinkProbe> {
-    let nl = RefCell::new(Netlink::new()?);
+    let nl: RefCell<Option<Netlink>> = RefCell::new(None);
     Ok(Box::new(move |name: &str| {
-        nl.borrow_mut()
-            .link_by_name(name)
-            .map(|l| l.is_some())
+        let mut nl = nl.borrow_mut();
+        if nl.is_none() {
+            *nl = Netlink::new().ok();
+        }
+        nl.as_mut()
+            .map(|nl| nl.link_by_name(name).map(|l| l.is_some()).unwrap_or(true))
             .unwrap_or(true)
     }))
 }
