@@ -37,17 +37,6 @@ impl Drop for Cluster {
     }
 }
 
-fn ip(ns: &str, args: &str) {
-    let mut full = vec!["-n", ns];
-    full.extend(args.split_whitespace());
-    let o = Command::new("ip").args(&full).output().unwrap();
-    assert!(
-        o.status.success(),
-        "ip -n {ns} {args}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 fn exec(ns: &str, args: &[&str]) -> std::process::Output {
     Command::new("ip")
         .args(["netns", "exec", ns])
@@ -69,17 +58,6 @@ fn write_nodes(path: &Path, nodes: &[Value]) {
     )
     .unwrap();
     std::fs::rename(tmp, path).unwrap();
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn routes(ns: &str) -> String {

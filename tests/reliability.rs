@@ -35,14 +35,9 @@ fn after_a_reboot_a_full_pool_serves_new_pods_at_once() {
         node.del_pod(ns);
     }
     // The kernel tears a namespace (and its veths) down asynchronously.
-    let t = Instant::now();
-    while !node.veths().is_empty() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "veths outlived their netns"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("the veths to go with their netns", || {
+        node.veths().is_empty()
+    });
     assert_eq!(node.allocations("testnet").len(), 5);
     // STATUS counts the stale allocations as free; a new pod gets an address at once.
     node.cni_env("STATUS", &[], conf.to_string().as_bytes())
@@ -67,14 +62,10 @@ fn after_a_reboot_a_full_pool_serves_new_pods_at_once() {
     for ns in &more {
         node.del_pod(ns);
     }
-    let t = Instant::now();
-    while !node.veths().is_empty() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "veths outlived their netns"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The kernel tears a namespace (and its veths) down asynchronously.
+    wait_for("the veths to go with their netns", || {
+        node.veths().is_empty()
+    });
     let gc = node.pontoon(&["gc", "--conf", &list]);
     assert!(gc.status.success());
     let said = String::from_utf8_lossy(&gc.stdout);

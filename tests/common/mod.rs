@@ -396,76 +396,19 @@ impl Node {
         run_ok(&["ip", "netns", "add", &out]);
         self.pods.push(out.clone());
         let n = self.name.clone();
-        run_ok(&[
-            "ip", "-n", &n, "link", "add", "uplink", "type", "veth", "peer", "name", "eth0",
-            "netns", &out,
-        ]);
-        run_ok(&[
-            "ip",
-            "-n",
+        ip(
             &n,
-            "addr",
-            "add",
-            "192.0.2.1/24",
-            "dev",
-            "uplink",
-        ]);
-        run_ok(&[
-            "ip",
-            "-n",
-            &n,
-            "addr",
-            "add",
-            "2001:db8::1/64",
-            "dev",
-            "uplink",
-            "nodad",
-        ]);
-        run_ok(&[
-            "ip",
-            "-n",
-            &out,
-            "addr",
-            "add",
-            "192.0.2.2/24",
-            "dev",
-            "eth0",
-        ]);
-        run_ok(&[
-            "ip",
-            "-n",
-            &out,
-            "addr",
-            "add",
-            "2001:db8::2/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-        run_ok(&["ip", "-n", &n, "link", "set", "uplink", "up"]);
-        run_ok(&["ip", "-n", &out, "link", "set", "eth0", "up"]);
-        run_ok(&["ip", "-n", &out, "link", "set", "lo", "up"]);
-        run_ok(&[
-            "ip",
-            "-n",
-            &n,
-            "route",
-            "add",
-            "default",
-            "via",
-            "192.0.2.2",
-        ]);
-        run_ok(&[
-            "ip",
-            "-n",
-            &n,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            "2001:db8::2",
-        ]);
+            &format!("link add uplink type veth peer name eth0 netns {out}"),
+        );
+        ip(&n, "addr add 192.0.2.1/24 dev uplink");
+        ip(&n, "addr add 2001:db8::1/64 dev uplink nodad");
+        ip(&out, "addr add 192.0.2.2/24 dev eth0");
+        ip(&out, "addr add 2001:db8::2/64 dev eth0 nodad");
+        ip(&n, "link set uplink up");
+        ip(&out, "link set eth0 up");
+        ip(&out, "link set lo up");
+        ip(&n, "route add default via 192.0.2.2");
+        ip(&n, "-6 route add default via 2001:db8::2");
         out
     }
 
@@ -475,4 +418,23 @@ impl Node {
         full.extend_from_slice(args);
         sh(Command::new("ip").args(&full))
     }
+}
+
+/// Polls `f` until it holds; fails the test after 15 s, naming `what`.
+pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(15),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `ip -n NS ARGS...` (ARGS split on whitespace), which must succeed.
+pub fn ip(ns: &str, args: &str) {
+    let mut full = vec!["ip", "-n", ns];
+    full.extend(args.split_whitespace());
+    run_ok(&full);
 }
