@@ -424,3 +424,83 @@ fn other_ipam_plugins_are_delegated() {
     assert!(msg.contains("no-such-ipam"), "{msg}");
     assert!(node.veths().is_empty());
 }
+
+/// The documented plugin keys take effect: enabledad, promiscMode, dns, ipam routes, logFile,
+/// forceAddress.
+#[test]
+fn documented_keys_take_effect() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new("keys");
+    let log = node.dir.join("pontoon.log");
+    let mut conf = node.conf(
+        "1.0.0",
+        dual(),
+        json!({"promiscMode": true, "logFile": log,
+               "dns": {"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"]}}),
+    );
+    conf["ipam"]["routes"] = json!([{"dst": "192.168.77.0/24"}]);
+    let ns = node.pod("p");
+    let r = node.cni("ADD", "c1", &ns, "eth0", &conf).ok();
+    assert_eq!(r["dns"]["nameservers"], json!(["10.96.0.10"]));
+    assert_eq!(r["dns"]["search"], json!(["svc.cluster.local"]));
+    let routes = node.in_pod_ok(&ns, &["ip", "route"]);
+    assert!(
+        routes.contains("192.168.77.0/24 via 10.88.0.1 dev eth0"),
+        "{routes}"
+    );
+    let br = node.node_ok(&["ip", "-d", "link", "show", "cni0"]);
+    assert!(
+        br.contains("PROMISC") || br.contains("promiscuity 1"),
+        "{br}"
+    );
+    // IPv6 DAD is off by default (nodad) ...
+    let v6 = node.in_pod_ok(
+        &ns,
+        &[
+            "ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "global",
+        ],
+    );
+    assert!(v6.contains("nodad"), "{v6}");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("ADD container=c1 ifname=eth0 outcome=ok"),
+        "{logged}"
+    );
+    // ... and with enabledad the address went through DAD before ADD returned.
+    let mut dad = conf.clone();
+    dad["enabledad"] = json!(true);
+    let ns2 = node.pod("q");
+    node.cni("ADD", "c2", &ns2, "eth0", &dad).ok();
+    let v6 = node.in_pod_ok(
+        &ns2,
+        &[
+            "ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "global",
+        ],
+    );
+    assert!(
+        v6.contains("fd88::") && !v6.contains("nodad") && !v6.contains("tentative"),
+        "{v6}"
+    );
+
+    // forceAddress: a bridge holding another IPv4 address is refused, unless forced.
+    node.node_ok(&["ip", "link", "add", "br9", "type", "bridge"]);
+    node.node_ok(&["ip", "addr", "add", "10.5.5.1/24", "dev", "br9"]);
+    let mut other = node.conf(
+        "1.0.0",
+        json!([[{"subnet": "10.89.0.0/24"}]]),
+        json!({"bridge": "br9", "name": "net9"}),
+    );
+    let ns3 = node.pod("r");
+    let msg = node.cni("ADD", "c3", &ns3, "eth0", &other).err(7);
+    assert!(msg.contains("forceAddress"), "{msg}");
+    assert!(node.allocations("net9").is_empty());
+    other["forceAddress"] = json!(true);
+    node.cni("ADD", "c3", &ns3, "eth0", &other).ok();
+    let addrs = node.node_ok(&["ip", "-4", "-o", "addr", "show", "dev", "br9"]);
+    assert!(
+        addrs.contains("10.89.0.1/24") && !addrs.contains("10.5.5.1"),
+        "{addrs}"
+    );
+}
