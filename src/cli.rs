@@ -329,7 +329,7 @@ fn load_pools(confs: &ConfArgs) -> Result<Vec<Pool>> {
     Ok(pools)
 }
 
-fn print_report(r: &crate::ipam::Report) {
+fn print_report(r: &crate::attachment::Report) {
     println!(
         "network {}  ({})\n  pool {}  used {}  free {}  stale {}",
         r.network,
@@ -434,10 +434,10 @@ fn run_operator(cli: Cli) -> Result<i32> {
             crate::agent::run(opts, source)
         }
         Cmd::Status { confs, json } => {
-            let alive = plugin::link_probe()?;
+            let alive = crate::attachment::link_probe();
             let reports = load_pools(&confs)?
                 .iter()
-                .map(|p| p.report(&alive))
+                .map(|p| crate::attachment::report(p, &alive))
                 .collect::<Result<Vec<_>>>()?;
             if json {
                 println!(
@@ -454,13 +454,9 @@ fn run_operator(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Gc { confs } => {
+            let alive = crate::attachment::link_probe();
             for pool in load_pools(&confs)? {
-                let attach = crate::ipam::Attach {
-                    host_veth: None,
-                    alive: Some(plugin::link_probe()?),
-                };
-                let store = pool.open()?;
-                let reclaimed = pool.reclaim_stale_locked(&store, &attach)?;
+                let reclaimed = crate::attachment::reclaim_stale(&pool, &alive)?;
                 if reclaimed.is_empty() {
                     println!("network {}: nothing stale", pool.network);
                 }

@@ -2,6 +2,7 @@
 //! in-process host-local-compatible address pool, and per-network masquerade.
 
 pub mod agent;
+pub mod attachment;
 pub mod cli;
 pub mod cni;
 pub mod dataplane;

@@ -1,13 +1,13 @@
 //! The CNI verbs, composing the protocol, the address pool and the dataplane. The only place
 //! that knows the order of steps, and how each ADD step is undone when a later one fails.
 
-use std::cell::RefCell;
 use std::collections::HashSet;
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 use serde_json::Value;
 
+use crate::attachment;
 use crate::cni::result::{Interface, IpConfig, Route};
 use crate::cni::{self, CniResult, Command, Env, NetConf, Version};
 use crate::dataplane::{self, BridgeSpec, Netlink, PodSpec, RouteSpec};
@@ -115,49 +115,26 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
     })?;
     let mut nl = Netlink::new()?;
 
-    // 1. Addresses. Everything after this is undone if a later step fails.
+    // 1. The attachment's record and addresses. Everything after this is undone if a later
+    //    step fails.
     let addressing = allocate(&ipam, env, conf, stdin, &requested)?;
-    let attached = attach(env, conf, &mut nl, &netns, mac, &addressing).and_then(|result| {
-        host_ports(&ipam, conf)?
-            .map(|hp| {
-                let ips: Vec<IpAddr> = addressing.ips.iter().map(|(n, _)| n.ip()).collect();
-                hp.add(&owner(env), &conf.raw.runtime_config.port_mappings, &ips)
-            })
-            .transpose()?;
-        Ok(result)
-    });
+    let attached =
+        attach(env, conf, &mut nl, &netns, mac, &addressing).and_then(|(result, ifindex)| {
+            // 3. The record is complete: hostPort mappings in, lease dropped.
+            if let Ipam::Pool(pool) = &ipam {
+                attachment::complete(pool, &owner(env), conf.bridge_name(), ifindex)?;
+            }
+            Ok(result)
+        });
     match attached {
         Ok(result) => Ok(result.to_json(conf.version)),
         Err(e) => {
-            let mut errs = ErrorList::default();
-            errs.check(dataplane::detach(
-                &mut nl,
-                &dataplane::host_veth_name(&env.container_id, &env.ifname),
-            ));
-            if let Ok(Some(hp)) = host_ports(&ipam, conf) {
-                errs.check(hp.del(&owner(env)));
-            }
-            errs.check(release(&ipam, env, stdin));
-            if let Err(cleanup) = errs.into_result() {
+            if let Err(cleanup) = release(&ipam, env, stdin, &mut nl) {
                 log::error!("ADD failed and its cleanup failed too: {cleanup}");
             }
             Err(e)
         }
     }
-}
-
-/// The hostPort handler of an in-process pool (`None` for other IPAM).
-fn host_ports<'a>(
-    ipam: &'a Ipam,
-    conf: &'a NetConf,
-) -> Result<Option<crate::portmap::HostPorts<'a>>> {
-    Ok(match ipam {
-        Ipam::Pool(pool) => Some(crate::portmap::HostPorts {
-            pool,
-            bridge: conf.bridge_name(),
-        }),
-        _ => None,
-    })
 }
 
 fn allocate(
@@ -174,15 +151,22 @@ fn allocate(
             dns: Default::default(),
         }),
         Ipam::Pool(pool) => {
-            // Record the veth this ADD makes, and let a full pool reclaim allocations whose
-            // veth is gone (pods lost to a crash or a reboot without DEL).
-            let attach = ipam::Attach {
-                host_veth: Some(dataplane::host_veth_name(&env.container_id, &env.ifname)),
-                alive: Some(link_probe()?),
+            // Record the veth and mappings this ADD makes, and let a full pool reclaim
+            // attachments whose pod is gone (lost to a crash or a reboot without DEL).
+            let host_veth = dataplane::host_veth_name(&env.container_id, &env.ifname);
+            let req = attachment::Request {
+                requested,
+                mappings: &conf.raw.runtime_config.port_mappings,
+                host_veth: Some(&host_veth),
+                alive: Some(attachment::link_probe()),
             };
-            let got = pool.allocate_for(&owner(env), requested, &attach)?;
+            let got = attachment::begin(pool, &owner(env), &req)?;
             Ok(Addressing {
-                ips: got.iter().map(|a| (a.address, Some(a.gateway))).collect(),
+                ips: got
+                    .addrs
+                    .iter()
+                    .map(|a| (a.address, Some(a.gateway)))
+                    .collect(),
                 routes: pool.routes.clone(),
                 dns: pool.dns.clone(),
             })
@@ -205,12 +189,36 @@ fn allocate(
     }
 }
 
-fn release(ipam: &Ipam, env: &Env, stdin: &[u8]) -> Result<()> {
-    match ipam {
-        Ipam::None => Ok(()),
-        Ipam::Pool(pool) => pool.release(&owner(env)).map(|_| ()),
-        Ipam::Delegate(t) => ipam::delegate::exec(t, "DEL", env, stdin).map(|_| ()),
+/// Releases the attachment: with the in-process pool, everything its record holds (the one
+/// release of [`attachment::release`]); otherwise the veth by its name and the delegated IPAM's
+/// addresses. A veth pontoon did not make (no record of one, e.g. the reference bridge
+/// plugin's) is looked for inside the pod.
+fn release(ipam: &Ipam, env: &Env, stdin: &[u8], nl: &mut Netlink) -> Result<()> {
+    let mut errs = ErrorList::default();
+    let found_veth = match ipam {
+        Ipam::Pool(pool) => errs
+            .check(attachment::release(pool, &owner(env)))
+            .map(|r| r.veth),
+        _ => errs.check(dataplane::detach(
+            nl,
+            &dataplane::host_veth_name(&env.container_id, &env.ifname),
+        )),
+    };
+    if found_veth == Some(false)
+        && let Some(path) = &env.netns
+    {
+        match NetNs::open(path) {
+            Ok(Some(ns)) => {
+                errs.check(dataplane::detach_in_pod(&ns, &env.ifname));
+            }
+            Ok(None) => {}
+            Err(e) => log::info!("DEL: ignoring unusable CNI_NETNS: {e}"),
+        }
     }
+    if let Ipam::Delegate(t) = ipam {
+        errs.check(ipam::delegate::exec(t, "DEL", env, stdin).map(|_| ()));
+    }
+    errs.into_result()
 }
 
 /// The pod's routes: IPAM's, plus a default route per family via the gateway when
@@ -247,7 +255,7 @@ fn attach(
     netns: &NetNs,
     mac: Option<[u8; 6]>,
     a: &Addressing,
-) -> Result<CniResult> {
+) -> Result<(CniResult, u32)> {
     let gateways: Vec<IpNetwork> = if conf.is_gateway() {
         a.ips
             .iter()
@@ -318,7 +326,7 @@ fn attach(
         Some(d) if !d.is_empty() => d.clone(),
         _ => a.dns.clone(),
     };
-    Ok(CniResult {
+    let result = CniResult {
         interfaces: vec![
             Interface {
                 name: bridge.name.clone(),
@@ -350,38 +358,18 @@ fn attach(
             .collect(),
         routes,
         dns,
-    })
+    };
+    Ok((result, att.host.index))
 }
 
 // ---------------------------------------------------------------------------------------------
 // DEL
 
 fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
-    let mut errs = ErrorList::default();
-    let host_name = dataplane::host_veth_name(&env.container_id, &env.ifname);
-    if let Some(mut nl) = errs.check(Netlink::new()) {
-        // The pair is found by its deterministic host name, with or without the pod netns.
-        let deleted = errs.check(dataplane::detach(&mut nl, &host_name));
-        if deleted == Some(false)
-            && let Some(path) = &env.netns
-        {
-            // Not ours by name (e.g. made by the reference bridge plugin): look in the pod.
-            match NetNs::open(path) {
-                Ok(Some(ns)) => {
-                    errs.check(dataplane::detach_in_pod(&ns, &env.ifname));
-                }
-                Ok(None) => {}
-                Err(e) => log::info!("DEL: ignoring unusable CNI_NETNS: {e}"),
-            }
-        }
-    }
     // Decoding errors of the IPAM config still fail DEL: nothing could be released otherwise.
     let ipam = Ipam::from_conf(conf)?;
-    if let Some(hp) = host_ports(&ipam, conf)? {
-        errs.check(hp.del(&owner(env)));
-    }
-    errs.check(release(&ipam, env, stdin));
-    errs.into_result()
+    let mut nl = Netlink::new()?;
+    release(&ipam, env, stdin, &mut nl)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -412,9 +400,13 @@ fn check(env: &Env, conf: &NetConf) -> Result<()> {
         .collect();
 
     // The pool must still hold them for this attachment.
-    if let Ipam::Pool(pool) = Ipam::from_conf(conf)? {
-        let store = pool.open()?;
-        let held = pool.held(&store, &owner(env))?.unwrap_or_default();
+    let ipam = Ipam::from_conf(conf)?;
+    let record = match &ipam {
+        Ipam::Pool(pool) => attachment::held(pool, &owner(env))?,
+        _ => None,
+    };
+    if let Ipam::Pool(_) = &ipam {
+        let held = record.as_ref().map(|r| r.ips.clone()).unwrap_or_default();
         for ip in &want_ips {
             if !held.contains(&ip.ip()) {
                 return fail(format!(
@@ -506,9 +498,13 @@ fn check(env: &Env, conf: &NetConf) -> Result<()> {
     if conf.raw.ip_masq {
         masquerade::check_for_network(conf, &want_ips)?;
     }
-    let ipam = Ipam::from_conf(conf)?;
-    if let Some(hp) = host_ports(&ipam, conf)? {
-        hp.check(&owner(env))?;
+    if let (Ipam::Pool(pool), Some(rec)) = (&ipam, &record) {
+        crate::portmap::HostPorts {
+            network: &pool.network,
+            bridge: conf.bridge_name(),
+            subnets: pool.subnets(),
+        }
+        .check(&rec.port_mappings)?;
     }
     Ok(())
 }
@@ -517,81 +513,33 @@ fn check(env: &Env, conf: &NetConf) -> Result<()> {
 // GC and STATUS
 
 fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
-    let Some(valid) = conf.valid_attachments() else {
-        return Err(Error::config(
-            "GC needs `cni.dev/valid-attachments` (an empty list releases everything)",
-        ));
-    };
-    let valid: HashSet<Owner> = valid
+    // Without the key nothing is valid, as libcni's GCNetworkList without arguments means
+    // ("all attachments should be GC'ed").
+    let valid: HashSet<Owner> = conf
+        .valid_attachments()
+        .unwrap_or_default()
         .iter()
         .map(|a| Owner::new(&a.container_id, &a.ifname))
         .collect();
-    let mut errs = ErrorList::default();
-    let ipam = Ipam::from_conf(conf)?;
-    if let Some(hp) = host_ports(&ipam, conf)? {
-        errs.check(hp.gc(&valid));
-    }
-    match ipam {
-        Ipam::Pool(pool) => {
-            if let Some(gone) = errs.check(pool.gc(&valid)) {
-                for (o, ip) in &gone {
-                    log::info!("GC released {ip} of {o}");
-                }
-            }
-        }
-        Ipam::Delegate(t) => {
-            errs.check(ipam::delegate::exec(&t, "GC", env, stdin));
-        }
-        Ipam::None => {}
-    }
-    // Our veths on this bridge that belong to no valid attachment are leftovers.
-    if let Some(mut nl) = errs.check(Netlink::new())
-        && let Some(Some(br)) = errs.check(nl.link_by_name(conf.bridge_name()))
-    {
-        let keep: HashSet<String> = valid
-            .iter()
-            .map(|o| dataplane::host_veth_name(&o.container_id, &o.ifname))
-            .collect();
-        if let Some(ports) = errs.check(nl.links()) {
-            for l in ports {
-                if l.master == Some(br.index)
-                    && l.name.starts_with("pon")
-                    && !keep.contains(&l.name)
-                {
-                    log::info!("GC removes leftover veth {}", l.name);
-                    errs.check(nl.del_link_by_name(&l.name));
-                }
-            }
-        }
-    }
-    errs.into_result()
-}
-
-fn status(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
     match Ipam::from_conf(conf)? {
-        Ipam::Pool(pool) => pool.status(&ipam::Attach {
-            host_veth: None,
-            alive: Some(link_probe()?),
-        }),
-        Ipam::Delegate(t) => ipam::delegate::exec(&t, "STATUS", env, stdin).map(|_| ()),
+        Ipam::Pool(pool) => {
+            for (o, ips) in attachment::gc(&pool, &valid)? {
+                log::info!("GC released {ips:?} of {o}");
+            }
+            Ok(())
+        }
+        Ipam::Delegate(t) => ipam::delegate::exec(&t, "GC", env, stdin).map(|_| ()),
+        // Without records there is nothing to tell this network's veths from another's.
         Ipam::None => Ok(()),
     }
 }
 
-/// Whether a link of that name exists in this (the node's) namespace; `true` on any doubt, so
-/// an error never makes a live allocation look stale. The socket is opened on first use: an
-/// ADD only asks when the pool is full.
-pub fn link_probe() -> Result<ipam::LinkProbe> {
-    let nl: RefCell<Option<Netlink>> = RefCell::new(None);
-    Ok(Box::new(move |name: &str| {
-        let mut nl = nl.borrow_mut();
-        if nl.is_none() {
-            *nl = Netlink::new().ok();
-        }
-        nl.as_mut()
-            .map(|nl| nl.link_by_name(name).map(|l| l.is_some()).unwrap_or(true))
-            .unwrap_or(true)
-    }))
+fn status(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
+    match Ipam::from_conf(conf)? {
+        Ipam::Pool(pool) => attachment::status(&pool, &attachment::link_probe()),
+        Ipam::Delegate(t) => ipam::delegate::exec(&t, "STATUS", env, stdin).map(|_| ()),
+        Ipam::None => Ok(()),
+    }
 }
 
 /// The spec version to print errors in: the config's when it is readable.

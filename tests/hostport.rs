@@ -5,89 +5,8 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-
 use common::*;
 use serde_json::{Value, json};
-
-/// A TCP+UDP server in a pod answering "<tag> <peer address>".
-struct PodServer(Child);
-
-impl PodServer {
-    fn start(netns: &str, tag: &str, port: u16) -> PodServer {
-        let name = std::path::Path::new(netns)
-            .file_name()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_string();
-        let code = format!(
-            r#"
-import socket, threading
-def tcp():
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", {port})); s.listen(64)
-    while True:
-        c, p = s.accept(); c.sendall(("{tag} " + p[0] + "\n").encode()); c.close()
-def udp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", {port}))
-    while True:
-        d, p = s.recvfrom(100); s.sendto(("{tag} " + p[0]).encode(), p)
-threading.Thread(target=udp, daemon=True).start()
-threading.Thread(target=tcp, daemon=True).start()
-print("ready", flush=True)
-import time
-while True: time.sleep(3600)
-"#
-        );
-        let mut c = Command::new("ip")
-            .args(["netns", "exec", &name, "python3", "-c", &code])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(c.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready");
-        PodServer(c)
-    }
-}
-
-impl Drop for PodServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Talks to addr:port from namespace `ns` (a name or a netns path); None if nothing answers.
-fn talk(ns: &str, proto: &str, addr: &str, port: u16, src_port: Option<u16>) -> Option<String> {
-    let name = std::path::Path::new(ns)
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap();
-    let bind = src_port
-        .map(|p| format!("s.bind(('0.0.0.0', {p}));"))
-        .unwrap_or_default();
-    let code = match proto {
-        "tcp" => format!(
-            "import socket; s=socket.create_connection(({addr:?},{port}),2); print(s.recv(100).decode().strip())"
-        ),
-        _ => format!(
-            "import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); {bind} s.settimeout(2); s.sendto(b'x',({addr:?},{port})); print(s.recv(100).decode())"
-        ),
-    };
-    let o = Command::new("ip")
-        .args(["netns", "exec", name, "python3", "-c", &code])
-        .output()
-        .unwrap();
-    o.status
-        .success()
-        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
-}
 
 fn conf_with(node: &Node, mappings: Value) -> Value {
     let mut c = node.conf(
@@ -97,15 +16,6 @@ fn conf_with(node: &Node, mappings: Value) -> Value {
     );
     c["runtimeConfig"] = json!({"portMappings": mappings});
     c
-}
-
-fn table(node: &Node) -> String {
-    String::from_utf8_lossy(
-        &node
-            .exec(&["nft", "list", "table", "inet", "pontoon"])
-            .stdout,
-    )
-    .into_owned()
 }
 
 #[test]

@@ -113,10 +113,20 @@ fn bad_environment_is_code_4_naming_the_variable() {
             "errors speak the config's version"
         );
     }
-    // No CNI_COMMAND at all is the operator CLI, not a CNI call.
-    let (rc, out, err) = run(&[], b"");
-    assert_ne!(rc, 0);
-    assert!(out.is_empty() && err.contains("Usage"), "{err}");
+    // No CNI_COMMAND, no arguments, a config on stdin: a runtime-like call, answered as a
+    // plugin (code 4 naming CNI_COMMAND), not with the CLI's usage text.
+    let e = expect_err(&[("CNI_CONTAINERID", "abc")], conf.as_bytes(), 4);
+    assert!(e["msg"].as_str().unwrap().contains("CNI_COMMAND"), "{e}");
+    let e = expect_err(&[], conf.as_bytes(), 4);
+    assert!(e["msg"].as_str().unwrap().contains("required"), "{e}");
+    // With arguments it is the operator CLI.
+    let out = Command::new(BIN)
+        .arg("--help")
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
 }
 
 #[test]

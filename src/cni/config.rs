@@ -188,6 +188,15 @@ impl NetConf {
                 "pontoon always brings the pod interface up",
             );
         }
+        if let Some(v) = &r.ipam
+            && !v.is_object()
+            && !v.is_null()
+        {
+            return Err(Error::config(format!(
+                "key `ipam`: must be an object such as {{\"type\": \"host-local\", \"ranges\": \
+                 [[{{\"subnet\": \"10.22.0.0/16\"}}]]}}, not {v}"
+            )));
+        }
         if r.hairpin_mode && r.promisc_mode {
             return Err(Error::config(
                 "`hairpinMode` and `promiscMode` cannot both be true; pick one",

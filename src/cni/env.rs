@@ -72,7 +72,12 @@ impl Env {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Env> {
         let command = match get("CNI_COMMAND") {
             Some(c) if !c.is_empty() => Command::parse(&c)?,
-            _ => return Err(Error::env("CNI_COMMAND", "is not set")),
+            _ => {
+                return Err(Error::env(
+                    "CNI_COMMAND",
+                    "is required (ADD, DEL, CHECK, GC, STATUS or VERSION)",
+                ));
+            }
         };
         let path = get("CNI_PATH")
             .unwrap_or_default()

@@ -343,6 +343,33 @@ impl Netlink {
         }
     }
 
+    /// Deletes a link by index; `Ok(false)` if there is none. A re-made link of the same name has
+    /// another index, so this never deletes a successor.
+    pub fn del_link_by_index(&mut self, index: u32) -> Result<bool> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        match self.ack(RouteNetlinkMessage::DelLink(m), 0) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(false),
+            Err(e) => Err(Error::netlink(format!("cannot delete link #{index}"), e)),
+        }
+    }
+
+    /// Takes a bridge port out of service in one request: down and off its bridge (~1 ms, where
+    /// deleting a veth costs ~20 ms). `Ok(false)` if the link is gone.
+    pub fn take_out_of_service(&mut self, index: u32) -> Result<bool> {
+        match self.set_link(
+            index,
+            Some(false),
+            vec![LinkAttribute::Controller(0)],
+            "detach the port",
+        ) {
+            Ok(()) => Ok(true),
+            Err(e) if e.errno() == Some(libc::ENODEV) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Sets flags and attributes of a link by index.
     fn set_link(
         &mut self,

@@ -127,6 +127,13 @@ impl Range {
                 "ipam gateway {gateway} is not of the family of subnet {subnet}"
             )));
         }
+        if !subnet.contains(gateway) || to_u128(gateway) == net || (v4 && to_u128(gateway) == last)
+        {
+            return Err(Error::config(format!(
+                "ipam gateway {gateway} is not a host address of subnet {subnet}; the pod's \
+                 default route could never reach it"
+            )));
+        }
         Ok(Range {
             subnet,
             start,

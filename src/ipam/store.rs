@@ -6,17 +6,21 @@
 //! <dataDir>/<network>/<ip>                 "<containerID>\r\n<ifname>", one file per address
 //! <dataDir>/<network>/last_reserved_ip.<n> round-robin position of range set n
 //! <dataDir>/<network>/.pontoon/            pontoon's own bookkeeping (host-local ignores it):
-//!     attachments/<containerID>:<ifname>     the addresses of one attachment (O(1) DEL / re-ADD)
+//!     attachments/<containerID>:<ifname>     the attachment record (see crate::attachment)
 //!     tmp.<ip>                               an address file being written (never seen complete)
-//!     v1                                     marker: every address file has an attachment entry
+//!     v1, v2                                 markers: the one-time migrations below are done
 //! ```
 //!
 //! Crash safety: an address file is written in full to `tmp.<ip>` and then hard-linked into
 //! place (`link(2)` fails if the name exists, like `O_EXCL`), so a process killed at any instant
-//! leaves either a complete address file or none; the attachment entry is written (by rename)
-//! before the address files it lists, so no address file ever lacks one. Leftover `tmp.*` files
-//! can only be from a dead process (they are made under the lock) and are removed at the next
-//! lock.
+//! leaves either a complete address file or none; the record is written (by rename) before the
+//! address files it lists, so no address file of pontoon's ever lacks one. Leftover `tmp.*`
+//! files can only be from a dead process (they are made under the lock) and are removed at the
+//! next lock. A power loss can still leave empty files (no fsync, see the README): those are
+//! recognised by their age (older than this boot) and reclaimed.
+//!
+//! This module only reads and writes files; what a record means, and releasing it, is
+//! [`crate::attachment`]'s.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -24,10 +28,9 @@ use std::io::{self, ErrorKind, Write};
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
-
+use crate::attachment::Record;
 use crate::error::{Error, Result};
 
 /// Who holds an address: one attachment of one container.
@@ -58,17 +61,24 @@ impl Owner {
         Some(Owner::new(id, ifname))
     }
 
-    fn index_name(&self) -> String {
+    /// The record's file name.
+    pub fn index_name(&self) -> String {
         format!("{}:{}", self.container_id, self.ifname)
     }
 
-    /// Parses an entry file name; temporaries of atomic writes (`.name.pid`) and anything that
-    /// is not a valid container id / ifname pair are not entries.
-    fn from_index_name(s: &str) -> Option<Owner> {
+    /// Parses a record file name; temporaries of atomic writes (`.name.pid`) and anything that
+    /// is not a valid container id / ifname pair are not records.
+    pub fn from_index_name(s: &str) -> Option<Owner> {
         let (id, ifname) = s.split_once(':')?;
         crate::cni::env::validate_container_id(id).ok()?;
         crate::cni::env::validate_ifname(ifname).ok()?;
         Some(Owner::new(id, ifname))
+    }
+
+    /// Whether an address file naming `holder` belongs to this attachment (host-local's oldest
+    /// files name only the container).
+    pub fn holds(&self, holder: &Owner) -> bool {
+        holder == self || (holder.ifname.is_empty() && holder.container_id == self.container_id)
     }
 }
 
@@ -78,52 +88,26 @@ impl std::fmt::Display for Owner {
     }
 }
 
-/// What pontoon records for one attachment.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Entry {
-    pub ips: Vec<IpAddr>,
-    /// The host-side veth pontoon made for this attachment. Its absence (outside an ADD in
-    /// progress) proves the attachment is gone. `None` for allocations pontoon did not make
-    /// (inherited from host-local): those are only released by DEL and GC.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_veth: Option<String>,
-    /// The ADD that made this entry. It counts as in progress while that process lives (and
-    /// for at most [`LEASE_TTL_SECS`]); after that, the veth's existence alone tells whether
-    /// the attachment is alive, so a finished ADD need not rewrite its entry.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub adding: Option<Lease>,
+/// What a file holds: nothing, something that parses, or something that does not (a torn write
+/// after a power loss, or a hand edit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored<T> {
+    Missing,
+    Ok(T),
+    Unreadable,
 }
 
-/// An ADD in progress: the process doing it and when it started.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Lease {
-    pub pid: u32,
-    /// Seconds since the Unix epoch.
-    pub since: u64,
-}
-
-/// How long an ADD may take before its lease counts as expired even if its pid still exists
-/// (the pid may have been reused).
-pub const LEASE_TTL_SECS: u64 = 300;
-
-impl Lease {
-    pub fn now() -> Lease {
-        Lease {
-            pid: std::process::id(),
-            since: unix_now(),
+impl<T> Stored<T> {
+    pub fn ok(self) -> Option<T> {
+        match self {
+            Stored::Ok(t) => Some(t),
+            _ => None,
         }
-    }
-
-    /// A lease is live while its process exists and it is younger than [`LEASE_TTL_SECS`].
-    pub fn is_live(&self) -> bool {
-        let age = unix_now().saturating_sub(self.since);
-        age < LEASE_TTL_SECS && Path::new(&format!("/proc/{}", self.pid)).exists()
     }
 }
 
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
+    SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
@@ -165,19 +149,23 @@ impl Store {
             .mode(0o600)
             .open(&lock_path)
             .map_err(io_err(format!("cannot open {}", lock_path.display())))?;
-        lock_with_timeout(&lock, timeout, &lock_path)?;
-        let store = Store {
-            dir,
-            own,
-            _lock: Some(lock),
-        };
-        store.remove_temporaries();
-        store.migrate_once()?;
-        Ok(store)
+        lock_with_timeout(lock, timeout, &lock_path)
+            .map(|lock| {
+                let store = Store {
+                    dir,
+                    own,
+                    _lock: Some(lock),
+                };
+                store.remove_temporaries();
+                store
+            })
+            .and_then(|store| {
+                store.migrate_once()?;
+                Ok(store)
+            })
     }
 
-    /// A handle without the lock, for reads and for writes that only the owner of an
-    /// attachment makes (its own entry).
+    /// A handle without the lock, for reads (operator reports, STATUS).
     pub fn unlocked(data_dir: &Path, network: &str) -> Store {
         let dir = Self::network_dir(data_dir, network);
         let own = dir.join(".pontoon");
@@ -196,16 +184,19 @@ impl Store {
         self.dir.join(ip.to_string())
     }
 
-    fn index_path(&self, owner: &Owner) -> PathBuf {
+    fn record_path(&self, owner: &Owner) -> PathBuf {
         self.own.join("attachments").join(owner.index_name())
     }
 
-    /// The holder of `ip`, if its file exists (an unreadable or empty file has no owner but still
-    /// holds the address).
-    pub fn holder(&self, ip: IpAddr) -> Result<Option<Option<Owner>>> {
+    // ---- address files ----
+
+    /// The holder of `ip`: `Missing` when free, `Unreadable` when the file holds no owner (an
+    /// empty or torn file: it still blocks the address).
+    pub fn holder(&self, ip: IpAddr) -> Result<Stored<Owner>> {
         match fs::read_to_string(self.ip_path(ip)) {
-            Ok(s) => Ok(Some(Owner::from_content(&s))),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Ok(s) => Ok(Owner::from_content(&s).map_or(Stored::Unreadable, Stored::Ok)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Stored::Missing),
+            Err(e) if e.kind() == ErrorKind::InvalidData => Ok(Stored::Unreadable),
             Err(e) => Err(Error::io(format!("cannot read allocation {ip}"), e)),
         }
     }
@@ -213,6 +204,13 @@ impl Store {
     pub fn is_taken(&self, ip: IpAddr) -> bool {
         // lstat: a dangling or odd entry still blocks the name.
         fs::symlink_metadata(self.ip_path(ip)).is_ok()
+    }
+
+    /// When the file of `ip` was last written (`None` if it does not exist).
+    pub fn ip_mtime(&self, ip: IpAddr) -> Option<SystemTime> {
+        fs::symlink_metadata(self.ip_path(ip))
+            .and_then(|m| m.modified())
+            .ok()
     }
 
     /// Reserves `ip` for `owner`; `false` when it is already taken.
@@ -241,9 +239,7 @@ impl Store {
     /// Removes `ip` if `owner` holds it; `Ok(false)` if it is free or held by someone else.
     pub fn release_if_held_by(&self, ip: IpAddr, owner: &Owner) -> Result<bool> {
         match self.holder(ip)? {
-            Some(Some(h))
-                if &h == owner || (h.ifname.is_empty() && h.container_id == owner.container_id) =>
-            {
+            Stored::Ok(h) if owner.holds(&h) => {
                 self.remove_ip(ip)?;
                 Ok(true)
             }
@@ -258,6 +254,25 @@ impl Store {
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io(format!("cannot release {ip}"), e)),
         }
+    }
+
+    /// Every allocated address (file names that parse as addresses).
+    pub fn allocated(&self) -> Result<Vec<IpAddr>> {
+        list_allocated(&self.dir)
+    }
+
+    /// The addresses whose files name `owner`: a walk of the whole directory, for records that
+    /// cannot be read (the normal paths read only the record).
+    pub fn addresses_of(&self, owner: &Owner) -> Result<Vec<IpAddr>> {
+        let mut out = Vec::new();
+        for ip in self.allocated()? {
+            if let Stored::Ok(h) = self.holder(ip)?
+                && owner.holds(&h)
+            {
+                out.push(ip);
+            }
+        }
+        Ok(out)
     }
 
     pub fn last_reserved(&self, set: usize) -> Option<IpAddr> {
@@ -275,47 +290,58 @@ impl Store {
         )
     }
 
-    pub fn entry(&self, owner: &Owner) -> Result<Option<Entry>> {
-        match fs::read(self.index_path(owner)) {
-            Ok(b) => Ok(serde_json::from_slice(&b).ok()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(format!("cannot read the entry of {owner}"), e)),
+    // ---- records ----
+
+    pub fn record(&self, owner: &Owner) -> Result<Stored<Record>> {
+        match fs::read(self.record_path(owner)) {
+            Ok(b) => Ok(serde_json::from_slice(&b).map_or(Stored::Unreadable, Stored::Ok)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Stored::Missing),
+            Err(e) if e.kind() == ErrorKind::InvalidData => Ok(Stored::Unreadable),
+            Err(e) => Err(Error::io(format!("cannot read the record of {owner}"), e)),
         }
     }
 
-    pub fn write_entry(&self, owner: &Owner, entry: &Entry) -> Result<()> {
-        let bytes = serde_json::to_vec(entry).expect("entry serialises");
-        write_atomic(&self.index_path(owner), &bytes)
+    /// When the record of `owner` was last written.
+    pub fn record_mtime(&self, owner: &Owner) -> Option<SystemTime> {
+        fs::symlink_metadata(self.record_path(owner))
+            .and_then(|m| m.modified())
+            .ok()
     }
 
-    pub fn remove_entry(&self, owner: &Owner) -> Result<()> {
-        match fs::remove_file(self.index_path(owner)) {
+    pub fn write_record(&self, owner: &Owner, record: &Record) -> Result<()> {
+        let bytes = serde_json::to_vec(record).expect("a record serialises");
+        write_atomic(&self.record_path(owner), &bytes)
+    }
+
+    pub fn remove_record(&self, owner: &Owner) -> Result<()> {
+        match fs::remove_file(self.record_path(owner)) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!("cannot remove the entry of {owner}"), e)),
+            Err(e) => Err(Error::io(format!("cannot remove the record of {owner}"), e)),
         }
     }
 
-    /// Every attachment with an entry.
-    pub fn entries(&self) -> Result<Vec<(Owner, Entry)>> {
+    /// Every attachment with a record file, readable or not.
+    pub fn records(&self) -> Result<Vec<(Owner, Stored<Record>)>> {
         let mut out = Vec::new();
         let dir = self.own.join("attachments");
-        for de in fs::read_dir(&dir).map_err(io_err(format!("cannot list {}", dir.display())))? {
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::io(format!("cannot list {}", dir.display()), e)),
+        };
+        for de in rd {
             let Ok(de) = de else { continue };
             let name = de.file_name();
             let Some(owner) = name.to_str().and_then(Owner::from_index_name) else {
                 continue;
             };
-            if let Some(e) = self.entry(&owner)? {
-                out.push((owner, e));
+            let r = self.record(&owner)?;
+            if r != Stored::Missing {
+                out.push((owner, r));
             }
         }
         Ok(out)
-    }
-
-    /// Every allocated address (file names that parse as addresses).
-    pub fn allocated(&self) -> Result<Vec<IpAddr>> {
-        list_allocated(&self.dir)
     }
 
     fn remove_temporaries(&self) {
@@ -328,31 +354,58 @@ impl Store {
         }
     }
 
-    /// Indexes allocations pontoon did not make (host-local's) once, so DEL and re-ADD can rely
-    /// on the attachment entries alone from then on.
+    /// One-time migrations of a network directory, each behind its marker:
+    /// - v1: allocations pontoon did not make (host-local's) get a record, so DEL and re-ADD can
+    ///   rely on the records alone from then on;
+    /// - v2: hostPort mappings kept by earlier pontoons in `.pontoon/portmaps/<owner>` move
+    ///   into their attachment's record.
     fn migrate_once(&self) -> Result<()> {
-        let marker = self.own.join("v1");
-        if marker.exists() {
-            return Ok(());
-        }
-        let mut found: BTreeMap<Owner, Vec<IpAddr>> = BTreeMap::new();
-        for ip in self.allocated()? {
-            if let Some(Some(owner)) = self.holder(ip)?
-                && !owner.ifname.is_empty()
-            {
-                found.entry(owner).or_default().push(ip);
-            }
-        }
-        for (owner, ips) in found {
-            let mut entry = self.entry(&owner)?.unwrap_or_default();
-            for ip in ips {
-                if !entry.ips.contains(&ip) {
-                    entry.ips.push(ip);
+        let v1 = self.own.join("v1");
+        if !v1.exists() {
+            let mut found: BTreeMap<Owner, Vec<IpAddr>> = BTreeMap::new();
+            for ip in self.allocated()? {
+                if let Stored::Ok(owner) = self.holder(ip)?
+                    && !owner.ifname.is_empty()
+                {
+                    found.entry(owner).or_default().push(ip);
                 }
             }
-            self.write_entry(&owner, &entry)?;
+            for (owner, ips) in found {
+                let mut rec = self.record(&owner)?.ok().unwrap_or_default();
+                for ip in ips {
+                    if !rec.ips.contains(&ip) {
+                        rec.ips.push(ip);
+                    }
+                }
+                self.write_record(&owner, &rec)?;
+            }
+            write_atomic(&v1, b"")?;
         }
-        write_atomic(&marker, b"")
+        let v2 = self.own.join("v2");
+        if !v2.exists() {
+            let old = self.own.join("portmaps");
+            if let Ok(rd) = fs::read_dir(&old) {
+                for de in rd.flatten() {
+                    let Some(owner) = de.file_name().to_str().and_then(Owner::from_index_name)
+                    else {
+                        continue;
+                    };
+                    let els: Vec<crate::portmap::Element> = fs::read(de.path())
+                        .ok()
+                        .and_then(|b| serde_json::from_slice(&b).ok())
+                        .unwrap_or_default();
+                    if let Stored::Ok(mut rec) = self.record(&owner)?
+                        && !els.is_empty()
+                    {
+                        rec.port_mappings = els;
+                        self.write_record(&owner, &rec)?;
+                    }
+                }
+                let _ = fs::remove_dir_all(&old);
+            }
+            write_atomic(&v2, b"")?;
+        }
+        Ok(())
     }
 }
 
@@ -369,31 +422,40 @@ pub fn list_allocated(dir: &Path) -> Result<Vec<IpAddr>> {
         .collect())
 }
 
-fn lock_with_timeout(f: &File, timeout: Duration, path: &Path) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_micros(50);
-    loop {
-        match f.try_lock() {
-            Ok(()) => return Ok(()),
-            Err(fs::TryLockError::WouldBlock) => {}
-            Err(fs::TryLockError::Error(e)) => {
-                return Err(Error::io(format!("cannot lock {}", path.display()), e));
-            }
+/// Takes the flock, waiting in the kernel (no polling) at most `timeout`. The uncontended case
+/// is one `try_lock`. Otherwise a helper thread blocks in `flock(2)` on its own descriptor of
+/// the file while this thread waits for it with a deadline; at the deadline the helper is
+/// abandoned, and if it gets the lock later it drops it at once (its descriptor closes).
+fn lock_with_timeout(f: File, timeout: Duration, path: &Path) -> Result<File> {
+    match f.try_lock() {
+        Ok(()) => return Ok(f),
+        Err(fs::TryLockError::WouldBlock) => {}
+        Err(fs::TryLockError::Error(e)) => {
+            return Err(Error::io(format!("cannot lock {}", path.display()), e));
         }
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(Error::TryAgainLater(format!(
-                "the address pool lock {} is held by another process for more than {} ms; \
-                 try again later (a stuck holder can be found with `fuser {}`)",
-                path.display(),
-                timeout.as_millis(),
-                path.display()
-            )));
-        }
-        std::thread::sleep(pause.min(deadline - now));
-        // A holder keeps the lock for well under a millisecond: poll often enough that a
-        // waiter does not sleep through many free periods (a try is one cheap syscall).
-        pause = (pause * 2).min(Duration::from_millis(2));
+    }
+    // flock locks belong to the open file description: the helper needs its own.
+    let mine = File::open(path).map_err(io_err(format!("cannot open {}", path.display())))?;
+    drop(f);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<File>>(1);
+    std::thread::Builder::new()
+        .name("pool-lock".into())
+        .spawn(move || {
+            let r = mine.lock().map(|()| mine);
+            // A receiver that gave up is gone: the file (and its lock) is dropped here.
+            let _ = tx.send(r);
+        })
+        .map_err(io_err("cannot start the lock waiter thread"))?;
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(f)) => Ok(f),
+        Ok(Err(e)) => Err(Error::io(format!("cannot lock {}", path.display()), e)),
+        Err(_) => Err(Error::TryAgainLater(format!(
+            "the address pool lock {} is held by another process for more than {} ms; \
+             try again later (a stuck holder can be found with `fuser {}`)",
+            path.display(),
+            timeout.as_millis(),
+            path.display()
+        ))),
     }
 }
 
@@ -424,6 +486,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     fn tmpdir() -> PathBuf {
         let d = std::env::temp_dir().join(format!(
@@ -450,6 +513,11 @@ mod tests {
         assert!(!s.release_if_held_by(ip, &Owner::new("c2", "eth0")).unwrap());
         assert!(s.release_if_held_by(ip, &o).unwrap());
         assert!(!d.join("net/10.0.0.5").exists());
+        fs::write(d.join("net/10.0.0.6"), "").unwrap();
+        assert_eq!(
+            s.holder("10.0.0.6".parse().unwrap()).unwrap(),
+            Stored::Unreadable
+        );
         drop(s);
         fs::remove_dir_all(&d).unwrap();
     }
@@ -462,7 +530,7 @@ mod tests {
         fs::write(d.join("net/10.0.0.8"), "legacy").unwrap();
         fs::write(d.join("net/last_reserved_ip.0"), "10.0.0.8").unwrap();
         let s = Store::open(&d, "net", Duration::from_secs(1)).unwrap();
-        let e = s.entry(&Owner::new("old", "eth0")).unwrap().unwrap();
+        let e = s.record(&Owner::new("old", "eth0")).unwrap().ok().unwrap();
         assert_eq!(e.ips, vec!["10.0.0.7".parse::<IpAddr>().unwrap()]);
         assert_eq!(s.last_reserved(0), Some("10.0.0.8".parse().unwrap()));
         assert_eq!(s.allocated().unwrap().len(), 2);
@@ -471,7 +539,33 @@ mod tests {
     }
 
     #[test]
-    fn lock_times_out_with_code_11() {
+    fn earlier_portmap_state_moves_into_the_record() {
+        let d = tmpdir();
+        let own = d.join("net/.pontoon");
+        fs::create_dir_all(own.join("attachments")).unwrap();
+        fs::create_dir_all(own.join("portmaps")).unwrap();
+        fs::write(own.join("v1"), "").unwrap();
+        fs::write(
+            own.join("attachments/a:eth0"),
+            r#"{"ips":["10.0.0.2"],"hostVeth":"pon000000000001","adding":{"pid":1,"since":5}}"#,
+        )
+        .unwrap();
+        fs::write(
+            own.join("portmaps/a:eth0"),
+            r#"[{"hostIp":null,"protocol":"tcp","hostPort":8080,"podIp":"10.0.0.2","podPort":80}]"#,
+        )
+        .unwrap();
+        let s = Store::open(&d, "net", Duration::from_secs(1)).unwrap();
+        let r = s.record(&Owner::new("a", "eth0")).unwrap().ok().unwrap();
+        assert_eq!(r.port_mappings.len(), 1);
+        assert_eq!(r.host_veth.as_deref(), Some("pon000000000001"));
+        assert!(!own.join("portmaps").exists());
+        drop(s);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn lock_times_out_with_code_11_and_waits_without_polling() {
         let d = tmpdir();
         let s = Store::open(&d, "net", Duration::from_secs(1)).unwrap();
         let t = Instant::now();
@@ -481,8 +575,20 @@ mod tests {
         };
         assert_eq!(e.code(), 11);
         assert!(t.elapsed() < Duration::from_secs(1));
+        // A waiter gets the lock as soon as the holder lets go.
+        let d2 = d.clone();
+        let waiter = std::thread::spawn(move || {
+            let t = Instant::now();
+            let s = Store::open(&d2, "net", Duration::from_secs(5)).map(|_| ());
+            (s.is_ok(), t.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(200));
         drop(s);
-        assert!(Store::open(&d, "net", Duration::from_millis(100)).is_ok());
+        let (ok, waited) = waiter.join().unwrap();
+        assert!(ok);
+        assert!(waited < Duration::from_secs(2), "{waited:?}");
+        // The abandoned helper of the timed-out attempt did not keep the lock.
+        assert!(Store::open(&d, "net", Duration::from_millis(500)).is_ok());
         fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -7,21 +7,20 @@
 //! traffic from prerouting (outside, other pods) and output (the node itself, `127.0.0.1`); and a
 //! postrouting chain masquerading DNATed traffic from localhost or from the pod subnets (so a pod
 //! reaching its own or a neighbour's hostPort gets the replies). Adding or removing one pod's
-//! mappings is one small batch of map elements. Each attachment's mappings are also recorded
-//! next to its address entry, so DEL (even without netns or prevResult), GC and CHECK know them,
-//! and conflicts are found before anything is installed.
+//! mappings is one small batch of map elements. Each attachment's mappings are part of its
+//! record ([`crate::attachment`]), so DEL (even without netns or prevResult), GC, stale
+//! reclaim and CHECK know them, and conflicts are found before anything is installed.
 
 pub mod conntrack;
 pub mod nftnl;
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::ipam::{Owner, Pool, store};
+use crate::ipam::Owner;
 use crate::masquerade::nftables::{TABLE, get_chain};
 use crate::masquerade::run_tool;
 
@@ -139,35 +138,6 @@ pub fn elements(mappings: &[PortMapping], pod_ips: &[IpAddr]) -> Result<Vec<Elem
     Ok(out)
 }
 
-/// Where an attachment's mappings are recorded.
-fn state_dir(pool: &Pool) -> PathBuf {
-    pool.dir().join(".pontoon/portmaps")
-}
-
-fn state_path(pool: &Pool, owner: &Owner) -> PathBuf {
-    state_dir(pool).join(format!("{}:{}", owner.container_id, owner.ifname))
-}
-
-fn read_state(path: &std::path::Path) -> Vec<Element> {
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
-}
-
-/// Every attachment's recorded mappings.
-fn all_states(pool: &Pool) -> Vec<(String, Vec<Element>)> {
-    let Ok(rd) = std::fs::read_dir(state_dir(pool)) else {
-        return vec![];
-    };
-    rd.flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            (!name.starts_with('.')).then(|| (name, read_state(&e.path())))
-        })
-        .collect()
-}
-
 fn net_hash(network: &str) -> String {
     crate::masquerade::RuleSet::new(network, &[], &[]).network_hash()
 }
@@ -248,33 +218,53 @@ fn base_script(h: &str, bridge: &str, subnets: &[IpNetwork], comment: &str) -> S
     s
 }
 
-/// The per-network hostPort context.
+/// The first conflict between `mine` and the mappings of other attachments, as an error naming
+/// the holder.
+pub fn find_conflict<'a>(
+    mine: &[Element],
+    others: impl IntoIterator<Item = (&'a Owner, &'a [Element])>,
+) -> Result<()> {
+    for (who, theirs) in others {
+        if let Some((a, b)) = mine
+            .iter()
+            .find_map(|e| theirs.iter().find(|t| e.conflicts(t)).map(|t| (e, t)))
+        {
+            return Err(Error::AddressUnavailable(format!(
+                "hostPort {}/{} on {} is already mapped to {} by {who}",
+                a.host_port,
+                a.protocol,
+                a.host_ip
+                    .map(|i| i.to_string())
+                    .unwrap_or_else(|| "all addresses".into()),
+                b.pod_ip
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A network's hostPort objects in the kernel. Which mappings exist is the attachment
+/// records' business; callers hold the pool lock while they change elements.
 pub struct HostPorts<'a> {
-    pub pool: &'a Pool,
+    pub network: &'a str,
     pub bridge: &'a str,
+    /// The pod subnets of the network.
+    pub subnets: Vec<IpNetwork>,
 }
 
 impl HostPorts<'_> {
     fn hash(&self) -> String {
-        net_hash(&self.pool.network)
-    }
-
-    fn subnets(&self) -> Vec<IpNetwork> {
-        self.pool
-            .sets
-            .iter()
-            .flat_map(|s| s.0.iter().map(|r| r.subnet))
-            .collect()
+        net_hash(self.network)
     }
 
     fn comment(&self) -> String {
-        let mut sig = format!("{}|{}", self.pool.network, self.bridge);
-        for n in self.subnets() {
+        let mut sig = format!("{}|{}", self.network, self.bridge);
+        for n in &self.subnets {
             sig.push_str(&format!("|{n}"));
         }
         format!(
             "pontoon hostports net={} cfg={}",
-            self.pool.network,
+            self.network,
             crate::masquerade::short_hash(sig.as_bytes())
         )
     }
@@ -294,11 +284,11 @@ impl HostPorts<'_> {
             Some(&base_script(
                 &h,
                 self.bridge,
-                &self.subnets(),
+                &self.subnets,
                 &self.comment(),
             )),
         )?;
-        if self.subnets().iter().any(IpNetwork::is_ipv4) {
+        if self.subnets.iter().any(IpNetwork::is_ipv4) {
             // The node's own 127.0.0.1 may be DNATed out through the bridge.
             crate::dataplane::sysctl::ensure(
                 &format!("net/ipv4/conf/{}/route_localnet", self.bridge),
@@ -308,83 +298,18 @@ impl HostPorts<'_> {
         Ok(())
     }
 
-    /// The elements with the maps they go in.
-    fn placed<'e>(&self, els: &'e [Element]) -> Vec<(String, &'e Element)> {
-        let h = self.hash();
-        els.iter().map(|e| (e.map(&h), e)).collect()
-    }
-
-    /// Installs `owner`'s mappings; a conflicting mapping of another attachment is an error and
-    /// nothing is installed.
-    pub fn add(&self, owner: &Owner, mappings: &[PortMapping], pod_ips: &[IpAddr]) -> Result<()> {
-        if mappings.is_empty() && !state_path(self.pool, owner).exists() {
-            return Ok(()); // the common case: nothing to do, no lock, no exec
-        }
-        let els = elements(mappings, pod_ips)?;
-        // The pool lock serialises conflict checks and state changes.
-        let _lock = self.pool.open()?;
-        let mine = format!("{}:{}", owner.container_id, owner.ifname);
-        let old = read_state(&state_path(self.pool, owner));
-        for (who, theirs) in all_states(self.pool) {
-            if who == mine {
-                continue;
-            }
-            if let Some((a, b)) = els
-                .iter()
-                .find_map(|e| theirs.iter().find(|t| e.conflicts(t)).map(|t| (e, t)))
-            {
-                return Err(Error::AddressUnavailable(format!(
-                    "hostPort {}/{} on {} is already mapped to {} by {who}",
-                    a.host_port,
-                    a.protocol,
-                    a.host_ip
-                        .map(|i| i.to_string())
-                        .unwrap_or_else(|| "all addresses".into()),
-                    b.pod_ip
-                )));
-            }
-        }
-        self.ensure_base()?;
-        std::fs::create_dir_all(state_dir(self.pool))
-            .map_err(|e| Error::io("cannot create the hostPort state dir", e))?;
-        store::write_atomic(
-            &state_path(self.pool, owner),
-            &serde_json::to_vec(&els).unwrap(),
-        )?;
-        // A repeated ADD replaces the attachment's earlier elements.
-        nftnl::change(TABLE, &self.placed(&old), false, true)?;
-        if let Err(e) = nftnl::change(TABLE, &self.placed(&els), true, false) {
-            let _ = std::fs::remove_file(state_path(self.pool, owner));
-            return Err(e);
-        }
-        flush_udp(&els);
-        Ok(())
-    }
-
-    /// Removes `owner`'s mappings (nothing to do when it has none).
-    pub fn del(&self, owner: &Owner) -> Result<()> {
-        let path = state_path(self.pool, owner);
-        let els = read_state(&path);
+    /// Installs `els` (the base objects first, if missing).
+    pub fn install(&self, conn: &mut nftnl::Conn, els: &[Element]) -> Result<()> {
         if els.is_empty() {
-            let _ = std::fs::remove_file(&path);
             return Ok(());
         }
-        let _lock = self.pool.open()?;
-        self.delete_elements(&els)?;
-        let _ = std::fs::remove_file(&path);
-        flush_udp(&els);
-        Ok(())
+        self.ensure_base()?;
+        conn.change(TABLE, &placed(self.network, els), true, false)
     }
 
-    /// Deletes elements, those already gone (a flushed ruleset) included.
-    fn delete_elements(&self, els: &[Element]) -> Result<()> {
-        nftnl::change(TABLE, &self.placed(els), false, true)
-    }
-
-    /// CHECK: every recorded element of `owner` is installed.
-    pub fn check(&self, owner: &Owner) -> Result<()> {
-        let els = read_state(&state_path(self.pool, owner));
-        for e in &els {
+    /// CHECK: every element in `els` is installed.
+    pub fn check(&self, els: &[Element]) -> Result<()> {
+        for e in els {
             let q = format!("{{ {} }}", e.key());
             let got = run_tool(
                 "nft",
@@ -400,27 +325,22 @@ impl HostPorts<'_> {
         }
         Ok(())
     }
-
-    /// GC: removes the mappings of attachments not in `valid`.
-    pub fn gc(&self, valid: &std::collections::HashSet<Owner>) -> Result<()> {
-        for (who, els) in all_states(self.pool) {
-            let Some((cid, ifname)) = who.split_once(':') else {
-                continue;
-            };
-            let owner = Owner::new(cid, ifname);
-            if !valid.contains(&owner) {
-                log::info!("GC removes the hostPort mappings of {owner}");
-                let _lock = self.pool.open()?;
-                self.delete_elements(&els)?;
-                let _ = std::fs::remove_file(state_path(self.pool, &owner));
-                flush_udp(&els);
-            }
-        }
-        Ok(())
-    }
 }
 
-fn flush_udp(els: &[Element]) {
+/// The elements with the maps of `network` they go in.
+fn placed<'e>(network: &str, els: &'e [Element]) -> Vec<(String, &'e Element)> {
+    let h = net_hash(network);
+    els.iter().map(|e| (e.map(&h), e)).collect()
+}
+
+/// Deletes `els` of `network`, those already gone (a flushed ruleset) included.
+pub fn remove(conn: &mut nftnl::Conn, network: &str, els: &[Element]) -> Result<()> {
+    conn.change(TABLE, &placed(network, els), false, true)
+}
+
+/// Deletes the UDP conntrack entries of the mapped ports, so a UDP flow does not stick to a
+/// pod that is gone (best effort: a failure is logged).
+pub fn flush_udp(els: &[Element]) {
     let udp: Vec<&Element> = els.iter().filter(|e| e.protocol == "udp").collect();
     let ports: Vec<u16> = udp.iter().map(|e| e.host_port).collect();
     let v4 = udp.iter().any(|e| e.v4());

@@ -114,9 +114,38 @@ fn nlerr(what: &str, e: std::io::Error) -> Error {
     Error::Firewall(format!("nftables netlink: {what}: {e}"))
 }
 
-/// Adds (`add`) or deletes the elements in one transaction. With `tolerate_missing`, deleting
-/// an element that is not there is not an error (each deletion is then its own transaction).
-pub fn change(
+/// An nfnetlink socket for element changes. Closing it after deleting elements waits for the
+/// kernel's RCU-deferred freeing of them (~25 ms here), so whoever holds a lock drops the
+/// connection after releasing it.
+pub struct Conn {
+    sock: Socket,
+}
+
+impl Conn {
+    pub fn new() -> Result<Conn> {
+        let mut sock = Socket::new(NETLINK_NETFILTER).map_err(|e| nlerr("socket", e))?;
+        sock.bind_auto().map_err(|e| nlerr("bind", e))?;
+        sock.connect(&SocketAddr::new(0, 0))
+            .map_err(|e| nlerr("connect", e))?;
+        Ok(Conn { sock })
+    }
+
+    /// Adds (`add`) or deletes the elements in one transaction. With `tolerate_missing`,
+    /// deleting an element that is not there is not an error (each deletion is then its own
+    /// transaction).
+    pub fn change(
+        &mut self,
+        table: &str,
+        elements: &[(String, &Element)],
+        add: bool,
+        tolerate_missing: bool,
+    ) -> Result<()> {
+        change(&self.sock, table, elements, add, tolerate_missing)
+    }
+}
+
+fn change(
+    sock: &Socket,
     table: &str,
     elements: &[(String, &Element)],
     add: bool,
@@ -125,10 +154,6 @@ pub fn change(
     if elements.is_empty() {
         return Ok(());
     }
-    let mut sock = Socket::new(NETLINK_NETFILTER).map_err(|e| nlerr("socket", e))?;
-    sock.bind_auto().map_err(|e| nlerr("bind", e))?;
-    sock.connect(&SocketAddr::new(0, 0))
-        .map_err(|e| nlerr("connect", e))?;
     let groups: Vec<&[(String, &Element)]> = if tolerate_missing {
         elements.chunks(1).collect()
     } else {
