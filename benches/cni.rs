@@ -194,6 +194,31 @@ impl Contender {
     }
 }
 
+/// A DEL of pod `i` with pontoon's debug log written to `log`.
+fn del_logged(c: &Contender, pod: &str, i: usize, log: &Path) {
+    let mut child = Command::new(&c.bin)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", "DEL")
+        .env("CNI_CONTAINERID", format!("bench-{}-{i}", c.idx))
+        .env("CNI_NETNS", format!("/var/run/netns/{pod}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("PONTOON_LOG_FILE", log)
+        .env("PONTOON_LOG_LEVEL", "debug")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(c.conf(i).to_string().as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
 fn run_batch(netns: Option<&str>, script: &str) {
     let mut c = Command::new("ip");
     if let Some(ns) = netns {
@@ -366,6 +391,36 @@ impl Bench {
             self.record(&format!("ADD, {row}"), c.who, add.summary());
             self.record(&format!("DEL, {row}"), c.who, del.summary());
         }
+    }
+
+    /// How long a hostPort DEL holds the pool lock (from pontoon's debug log), over `n` pods.
+    fn lock_hold(&mut self, n: usize) {
+        let cs = self.contenders_with(false, true, &[Who::Pontoon]);
+        let c = &cs[0];
+        let log = self.work.join("lock-hold.log");
+        let mut holds = Stats::default();
+        for i in 0..n {
+            let p = self.pods.get(&format!("l{}-{i}", c.idx));
+            c.add(&p, i);
+            let _ = std::fs::remove_file(&log);
+            del_logged(c, &p, i, &log);
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            for l in text.lines().filter(|l| l.contains("pool lock of network")) {
+                if let Some(ms) = l
+                    .split("held ")
+                    .nth(1)
+                    .and_then(|r| r.split(' ').next())
+                    .and_then(|v| v.parse::<f64>().ok())
+                {
+                    holds.0.push(Duration::from_secs_f64(ms / 1e3));
+                }
+            }
+        }
+        self.record(
+            "pool lock held by a DEL, 2 hostPorts",
+            Who::Pontoon,
+            holds.summary(),
+        );
     }
 
     /// P workers over `total` pods: pods/s and latency. Contenders run one after another.
@@ -558,6 +613,7 @@ fn main() {
         };
         b.sequential(n);
         b.hostports(if quick { 3 } else { 50 });
+        b.lock_hold(if quick { 3 } else { 20 });
         b.parallel(par, total);
         b.scale(&levels, samples, prealloc);
         b.print();

@@ -222,6 +222,11 @@ enum Cmd {
         #[command(flatten)]
         confs: ConfArgs,
     },
+    /// The networks' firewall state (masquerade, hostPort objects and every recorded mapping).
+    Firewall {
+        #[command(subcommand)]
+        action: FirewallAction,
+    },
     /// Egress SNAT rules for a pod network (one rule set per network, v4 and v6).
     Masquerade {
         #[command(subcommand)]
@@ -243,6 +248,16 @@ struct MasqArgs {
     /// nftables or iptables (default: nftables when `nft` is installed).
     #[arg(long)]
     backend: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum FirewallAction {
+    /// Re-install every pontoon network's firewall state from its config and attachment
+    /// records (after `nft flush ruleset`, a firewalld or nftables.service reload, ...).
+    Reload {
+        #[command(flatten)]
+        confs: ConfArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -279,8 +294,8 @@ pub fn operator_main() -> i32 {
     }
 }
 
-/// The pontoon networks (with in-process IPAM) configured in `confs`.
-fn load_pools(confs: &ConfArgs) -> Result<Vec<Pool>> {
+/// The pontoon plugin entries (as a runtime passes them) configured in `confs`.
+fn load_confs(confs: &ConfArgs) -> Result<Vec<NetConf>> {
     let files: Vec<PathBuf> = if confs.conf.is_empty() {
         let mut v: Vec<PathBuf> = std::fs::read_dir(&confs.conf_dir)
             .map_err(|e| Error::io(format!("cannot read {}", confs.conf_dir.display()), e))?
@@ -298,7 +313,7 @@ fn load_pools(confs: &ConfArgs) -> Result<Vec<Pool>> {
     } else {
         confs.conf.clone()
     };
-    let mut pools = Vec::new();
+    let mut out = Vec::new();
     for f in files {
         let text =
             std::fs::read(&f).map_err(|e| Error::io(format!("cannot read {}", f.display()), e))?;
@@ -317,13 +332,23 @@ fn load_pools(confs: &ConfArgs) -> Result<Vec<Pool>> {
             None => vec![v.clone()],
         };
         for p in plugins.into_iter().filter(|p| p["type"] == "pontoon") {
-            let conf = NetConf::parse(p.to_string().as_bytes())
-                .map_err(|e| Error::config(format!("{}: {e}", f.display())))?;
-            if let (Some(t), Some(ipam)) = (conf.ipam_type(), &conf.raw.ipam)
-                && crate::ipam::IN_PROCESS_TYPES.contains(&t)
-            {
-                pools.push(Pool::from_config(&conf.name, ipam, None)?);
-            }
+            out.push(
+                NetConf::parse(p.to_string().as_bytes())
+                    .map_err(|e| Error::config(format!("{}: {e}", f.display())))?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The pontoon networks (with in-process IPAM) configured in `confs`.
+fn load_pools(confs: &ConfArgs) -> Result<Vec<Pool>> {
+    let mut pools = Vec::new();
+    for conf in load_confs(confs)? {
+        if let (Some(t), Some(ipam)) = (conf.ipam_type(), &conf.raw.ipam)
+            && crate::ipam::IN_PROCESS_TYPES.contains(&t)
+        {
+            pools.push(Pool::from_config(&conf.name, ipam, None)?);
         }
     }
     Ok(pools)
@@ -384,7 +409,7 @@ fn run_operator(cli: Cli) -> Result<i32> {
                 }
             }
             let (ch, masq) =
-                crate::agent::install_and_masquerade(&spec, &crate::install::self_bytes()?)?;
+                crate::agent::install_and_firewall(&spec, &crate::install::self_bytes()?)?;
             let said = |b: bool| if b { "installed" } else { "already in place" };
             println!(
                 "{}: {}",
@@ -468,6 +493,21 @@ fn run_operator(cli: Cli) -> Result<i32> {
                         ips.join(", ")
                     );
                 }
+            }
+            Ok(0)
+        }
+        Cmd::Firewall {
+            action: FirewallAction::Reload { confs },
+        } => {
+            let confs = load_confs(&confs)?;
+            for conf in &confs {
+                let fw = crate::firewall::Network::of(conf, &[])?;
+                if fw.is_empty() {
+                    println!("network {}: no firewall state", conf.name);
+                    continue;
+                }
+                fw.heal()?;
+                println!("network {}: firewall state re-installed", conf.name);
             }
             Ok(0)
         }

@@ -12,8 +12,8 @@ use crate::cni::result::{Interface, IpConfig, Route};
 use crate::cni::{self, CniResult, Command, Env, NetConf, Version};
 use crate::dataplane::{self, BridgeSpec, Netlink, PodSpec, RouteSpec};
 use crate::error::{Error, ErrorList, Result};
+use crate::firewall;
 use crate::ipam::{self, Owner, Pool};
-use crate::masquerade;
 use crate::netns::NetNs;
 
 /// Where a network's addresses come from.
@@ -118,14 +118,17 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
     // 1. The attachment's record and addresses. Everything after this is undone if a later
     //    step fails.
     let addressing = allocate(&ipam, env, conf, stdin, &requested)?;
-    let attached =
-        attach(env, conf, &mut nl, &netns, mac, &addressing).and_then(|(result, ifindex)| {
-            // 3. The record is complete: hostPort mappings in, lease dropped.
-            if let Ipam::Pool(pool) = &ipam {
-                attachment::complete(pool, &owner(env), conf.bridge_name(), ifindex)?;
-            }
-            Ok(result)
-        });
+    let attached = (|| {
+        let addrs: Vec<IpNetwork> = addressing.ips.iter().map(|(n, _)| *n).collect();
+        let fw = firewall::Network::of(conf, &addrs)?;
+        // 2. Bridge, firewall state, veth pair, pod interface.
+        let (result, ifindex) = attach(env, conf, &mut nl, &netns, mac, &addressing, &fw)?;
+        // 3. The record is complete: hostPort mappings in, lease dropped.
+        if let Ipam::Pool(pool) = &ipam {
+            attachment::complete(pool, &owner(env), &fw, ifindex)?;
+        }
+        Ok(result)
+    })();
     match attached {
         Ok(result) => Ok(result.to_json(conf.version)),
         Err(e) => {
@@ -255,6 +258,7 @@ fn attach(
     netns: &NetNs,
     mac: Option<[u8; 6]>,
     a: &Addressing,
+    fw: &firewall::Network,
 ) -> Result<(CniResult, u32)> {
     let gateways: Vec<IpNetwork> = if conf.is_gateway() {
         a.ips
@@ -280,8 +284,8 @@ fn attach(
             a.ips.iter().any(|(n, _)| n.is_ipv6()),
         )?;
     }
-    if conf.raw.ip_masq {
-        masquerade::ensure_for_network(conf, &a.ips.iter().map(|(n, _)| *n).collect::<Vec<_>>())?;
+    if !fw.is_empty() {
+        fw.ensure()?;
     }
     let routes = pod_routes(conf, a)?;
     let route_specs: Vec<RouteSpec> = routes
@@ -495,16 +499,14 @@ fn check(env: &Env, conf: &NetConf) -> Result<()> {
             }
         }
     }
-    if conf.raw.ip_masq {
-        masquerade::check_for_network(conf, &want_ips)?;
-    }
-    if let (Ipam::Pool(pool), Some(rec)) = (&ipam, &record) {
-        crate::portmap::HostPorts {
-            network: &pool.network,
-            bridge: conf.bridge_name(),
-            subnets: pool.subnets(),
-        }
-        .check(&rec.port_mappings)?;
+    let fw = firewall::Network::of(conf, &want_ips)?;
+    if !fw.is_empty() {
+        fw.check(
+            record
+                .as_ref()
+                .map(|r| r.port_mappings.as_slice())
+                .unwrap_or(&[]),
+        )?;
     }
     Ok(())
 }

@@ -242,8 +242,14 @@ fn parallel_adds_leave_one_rule_set() {
         }
     });
     let rules = node.node_ok(&["nft", "list", "table", "inet", "pontoon"]);
-    assert_eq!(rules.matches("chain ").count(), 1, "{rules}");
-    assert_eq!(rules.matches("masquerade comment").count(), 2, "{rules}");
+    // One rule set: the entry chain and one chain per family, each rule once.
+    assert_eq!(rules.matches("chain ").count(), 3, "{rules}");
+    assert_eq!(
+        rules.matches("comment \"pontoon:testnet\"").count(),
+        2,
+        "{rules}"
+    );
+    assert_eq!(rules.matches("masquerade").count(), 2, "{rules}");
     // DEL has nothing per pod to remove: the rule set stays for the remaining pods.
     node.cni("DEL", "c0", &pods[0], "eth0", &conf).ok();
     assert_eq!(

@@ -122,23 +122,58 @@ fn route(dst: IpNetwork, gw: Option<IpAddr>) -> RouteSpec {
     }
 }
 
-/// Installs binary, loopback and conflist, then ensures the masquerade rules and forwarding.
-/// Returns what was installed and whether the rules had to be (re)applied.
-pub fn install_and_masquerade(spec: &Spec, self_bin: &[u8]) -> Result<(install::Changes, bool)> {
+/// Installs binary, loopback and conflist, then makes the network's firewall state (masquerade,
+/// hostPort objects and every recorded mapping) equal what the conflist and the attachment
+/// records say, and turns forwarding on. Returns what was installed and whether the firewall
+/// had to be healed.
+pub fn install_and_firewall(spec: &Spec, self_bin: &[u8]) -> Result<(install::Changes, bool)> {
     let installed = install::install(spec, self_bin)?;
-    // The rule set an ADD with this conflist would install: the two agree by construction.
+    // The state an ADD with this conflist would install: the two agree by construction.
     let conf = crate::cni::NetConf::parse(
         install::plugin_conf(&install::conflist(spec))
             .to_string()
             .as_bytes(),
     )?;
+    let healed = crate::firewall::Network::of(&conf, &[])?.reconcile()?;
     let rs = masquerade::rule_set_for(&conf, &[])?;
-    let backend = masquerade::backend(conf.raw.ip_masq_backend.as_deref())?;
-    let applied = !backend.is_current(&rs)?;
-    masquerade::ensure(backend.as_ref(), &rs)?;
     let ips: Vec<IpAddr> = rs.sources.iter().map(|n| n.ip()).collect();
     masquerade::ensure_forwarding(&ips)?;
-    Ok((installed, applied))
+    Ok((installed, healed))
+}
+
+/// Watches nf_tables events and raises `dirty` when something removes a table, chain or rule
+/// of pontoon's table (a flush, a firewall reload), so the agent heals within a second rather
+/// than at its next interval.
+pub fn watch_firewall(dirty: Arc<AtomicBool>) -> Result<()> {
+    use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
+    const NFNLGRP_NFTABLES: u32 = 7;
+    let mut sock = Socket::new(NETLINK_NETFILTER)
+        .map_err(|e| Error::io("cannot open an nfnetlink socket", e))?;
+    sock.bind_auto()
+        .map_err(|e| Error::io("cannot bind the nfnetlink socket", e))?;
+    sock.add_membership(NFNLGRP_NFTABLES)
+        .map_err(|e| Error::io("cannot subscribe to nftables events", e))?;
+    std::thread::Builder::new()
+        .name("nft-events".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match sock.recv(&mut &mut buf[..], 0) {
+                    Ok(n) => n,
+                    // ENOBUFS: events were lost; assume the worst.
+                    Err(_) => {
+                        dirty.store(true, Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                if crate::nft::removes_from_table(&buf[..n], crate::masquerade::nftables::TABLE) {
+                    dirty.store(true, Ordering::Relaxed);
+                }
+            }
+        })
+        .map_err(|e| Error::io("cannot start the nftables event thread", e))?;
+    Ok(())
 }
 
 /// One reconcile against a snapshot of the nodes.
@@ -173,7 +208,7 @@ pub fn reconcile(opts: &Options, nodes: &[NodeInfo], self_bin: &[u8]) -> Result<
     let mut spec = opts.install.clone();
     spec.pod_cidrs = pod_cidrs;
     spec.no_masquerade = no_masq;
-    let (installed, masquerade_applied) = install_and_masquerade(&spec, self_bin)?;
+    let (installed, masquerade_applied) = install_and_firewall(&spec, self_bin)?;
     let mut nl = Netlink::new()?;
     let (routes_added, routes_removed) =
         sync_routes(&mut nl, &desired_routes(&opts.node_name, nodes))?;
@@ -197,7 +232,7 @@ fn log_outcome(o: &Outcome) {
         log::info!("wrote the conflist");
     }
     if o.masquerade_applied {
-        log::info!("masquerade rules (re)installed");
+        log::info!("firewall state (masquerade, hostPorts) re-installed from the records");
     }
     for r in &o.routes_added {
         log::info!("route {r}");
@@ -257,6 +292,10 @@ pub fn run(opts: Options, mut source: Box<dyn NodeSource>) -> Result<i32> {
         )?;
     }
     let self_bin = install::self_bytes()?;
+    let firewall_dirty = Arc::new(AtomicBool::new(false));
+    if let Err(e) = watch_firewall(Arc::clone(&firewall_dirty)) {
+        log::warn!("{e}: the firewall state is checked every interval only");
+    }
     log::info!(
         "pontoon agent on node {} ({}), every {:?}",
         opts.node_name,
@@ -289,7 +328,9 @@ pub fn run(opts: Options, mut source: Box<dyn NodeSource>) -> Result<i32> {
         // Sleep until the next round, a change reported by the source, or a signal.
         let deadline = started + opts.interval;
         while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-            if source.wait_change(Duration::from_millis(200)) {
+            if source.wait_change(Duration::from_millis(200))
+                || firewall_dirty.swap(false, Ordering::Relaxed)
+            {
                 break;
             }
         }

@@ -22,7 +22,8 @@ use crate::dataplane::{self, Netlink};
 use crate::error::{Error, Result};
 use crate::ipam::store::{Store, Stored};
 use crate::ipam::{Allocated, Owner, Pool};
-use crate::portmap::{self, Element, HostPorts, PortMapping, nftnl};
+use crate::nft;
+use crate::portmap::{self, Element, PortMapping};
 pub use lease::{LEASE_TTL_SECS, Lease, before_this_boot, boot_id};
 
 /// Everything one attachment holds.
@@ -82,7 +83,7 @@ pub fn link_probe() -> LinkProbe {
 #[derive(Default)]
 pub struct Cleanup {
     nl: Option<Netlink>,
-    nft: Option<nftnl::Conn>,
+    nft: Option<nft::Conn>,
     /// Retired host veths to delete, by ifindex.
     links: Vec<u32>,
     /// Mappings whose UDP conntrack entries to flush.
@@ -97,9 +98,9 @@ impl Cleanup {
         Ok(self.nl.as_mut().unwrap())
     }
 
-    fn nft(&mut self) -> Result<&mut nftnl::Conn> {
+    fn nft(&mut self) -> Result<&mut nft::Conn> {
         if self.nft.is_none() {
-            self.nft = Some(nftnl::Conn::new()?);
+            self.nft = Some(nft::Conn::new()?);
         }
         Ok(self.nft.as_mut().unwrap())
     }
@@ -151,7 +152,15 @@ fn locked<T>(
     let mut k = Cleanup::default();
     let r = {
         let store = pool.open()?;
-        f(&store, &mut k)
+        let held = std::time::Instant::now();
+        let r = f(&store, &mut k);
+        drop(store);
+        log::debug!(
+            "pool lock of network {} held {:.3} ms",
+            pool.network,
+            held.elapsed().as_secs_f64() * 1e3
+        );
+        r
     };
     match (r, k.finish()) {
         (Ok(v), Ok(())) => Ok(v),
@@ -336,9 +345,15 @@ fn consistent(pool: &Pool, store: &Store, owner: &Owner, rec: &Record) -> Result
     Ok(true)
 }
 
-/// ADD's last step, under the lock: the hostPort mappings go in (with the network's base
-/// objects if missing), and the record gets its veth's ifindex and loses its lease.
-pub fn complete(pool: &Pool, owner: &Owner, bridge: &str, host_ifindex: u32) -> Result<()> {
+/// ADD's last step, under the lock: the hostPort mappings go in, and the record gets its
+/// veth's ifindex and loses its lease. Maps that are gone (a flushed ruleset) make it
+/// re-install the network's whole firewall state from the records, this one included.
+pub fn complete(
+    pool: &Pool,
+    owner: &Owner,
+    firewall: &crate::firewall::Network,
+    host_ifindex: u32,
+) -> Result<()> {
     locked(pool, false, |store, k| {
         let Stored::Ok(mut rec) = store.record(owner)? else {
             return Err(Error::Internal(format!(
@@ -346,12 +361,15 @@ pub fn complete(pool: &Pool, owner: &Owner, bridge: &str, host_ifindex: u32) -> 
             )));
         };
         if !rec.port_mappings.is_empty() {
-            HostPorts {
-                network: &pool.network,
-                bridge,
-                subnets: pool.subnets(),
+            let mut b = nft::Batch::new();
+            portmap::add_elements(&mut b, &pool.network, &rec.port_mappings);
+            if let Err(e) = k.nft()?.commit(&b) {
+                log::warn!(
+                    "{e}: re-installing the firewall state of network {}",
+                    pool.network
+                );
+                firewall.heal_locked(store, k.nft()?)?;
             }
-            .install(k.nft()?, &rec.port_mappings)?;
             k.udp.extend(rec.port_mappings.iter().cloned());
         }
         rec.host_ifindex = Some(host_ifindex);

@@ -73,6 +73,9 @@ pub struct RawConf {
     pub ipam: Option<Value>,
     #[serde(default)]
     pub dns: Option<Dns>,
+    /// The capabilities the conflist declares for this plugin (`{"portMappings": true}`).
+    #[serde(default)]
+    pub capabilities: Option<serde_json::Map<String, Value>>,
 
     // pontoon's own keys.
     /// Destinations never masqueraded besides the pod subnets (e.g. the cluster pod CIDR).
@@ -224,6 +227,16 @@ impl NetConf {
                 .map_err(|_| Error::config(format!("`noMasqueradeCidrs`: {c:?} is not a CIDR")))?;
         }
         Ok(())
+    }
+
+    /// Whether the conflist declares capability `name` for this plugin.
+    pub fn has_capability(&self, name: &str) -> bool {
+        self.raw
+            .capabilities
+            .as_ref()
+            .and_then(|c| c.get(name))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
     }
 
     pub fn bridge_name(&self) -> &str {

@@ -140,16 +140,7 @@ impl Store {
             "cannot create the IPAM state directory {} (check `ipam.dataDir`)",
             own.display()
         )))?;
-        let lock_path = dir.join("lock");
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(io_err(format!("cannot open {}", lock_path.display())))?;
-        lock_with_timeout(lock, timeout, &lock_path)
+        lock_file(&dir.join("lock"), timeout)
             .map(|lock| {
                 let store = Store {
                     dir,
@@ -422,6 +413,23 @@ pub fn list_allocated(dir: &Path) -> Result<Vec<IpAddr>> {
         .collect())
 }
 
+/// Opens (creating it) and flocks `path`, waiting in the kernel at most `timeout` (then code
+/// 11, naming `what`). The lock lasts as long as the returned file.
+pub fn lock_file(path: &Path, timeout: Duration) -> Result<File> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(format!("cannot open {}", path.display())))?;
+    lock_with_timeout(f, timeout, path)
+}
+
 /// Takes the flock, waiting in the kernel (no polling) at most `timeout`. The uncontended case
 /// is one `try_lock`. Otherwise a helper thread blocks in `flock(2)` on its own descriptor of
 /// the file while this thread waits for it with a deadline; at the deadline the helper is
@@ -450,8 +458,8 @@ fn lock_with_timeout(f: File, timeout: Duration, path: &Path) -> Result<File> {
         Ok(Ok(f)) => Ok(f),
         Ok(Err(e)) => Err(Error::io(format!("cannot lock {}", path.display()), e)),
         Err(_) => Err(Error::TryAgainLater(format!(
-            "the address pool lock {} is held by another process for more than {} ms; \
-             try again later (a stuck holder can be found with `fuser {}`)",
+            "the lock {} is held by another process for more than {} ms; try again later (a \
+             stuck holder can be found with `fuser {}`)",
             path.display(),
             timeout.as_millis(),
             path.display()

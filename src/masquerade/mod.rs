@@ -3,10 +3,11 @@
 //! `ipMasq: true`. Traffic from the pod subnets to anywhere but the pod subnets, multicast and the
 //! configured no-masquerade CIDRs leaves with the node's address.
 //!
-//! Two backends behind [`Backend`]: nftables (default when `nft` is installed; its own table
-//! `inet pontoon`, one base chain per network) and iptables (its own nat chain per network).
-//! On the ADD hot path an existing, current rule set costs one netlink round trip (nftables) or
-//! one stat (iptables) and no exec.
+//! Two backends behind [`Backend`]: nftables (the default, over netlink; its own table
+//! `inet pontoon`) and iptables (its own nat chain per network, for nodes managed with
+//! iptables). Both decide "current" by comparing the kernel's rules with the ones they would
+//! write; on the ADD hot path that is one netlink dump and no exec (iptables-legacy: one
+//! `iptables-save`).
 
 pub mod iptables;
 pub mod nftables;
@@ -124,20 +125,10 @@ pub trait Backend {
     fn remove(&self, network: &str) -> Result<()>;
 }
 
-/// Picks the backend: explicit, else nftables when `nft` is installed, else iptables.
+/// Picks the backend: explicit, else nftables (spoken over netlink: no tool needed).
 pub fn backend(explicit: Option<&str>) -> Result<Box<dyn Backend>> {
-    let choice = match explicit {
-        Some(b) => b.to_string(),
-        None if find_binary("nft").is_some() => "nftables".into(),
-        None if find_binary("iptables").is_some() => "iptables".into(),
-        None => {
-            return Err(Error::Firewall(
-                "ipMasq needs nftables (`nft`) or iptables installed on the node".into(),
-            ));
-        }
-    };
-    log::debug!("masquerade backend: {choice}");
-    match choice.as_str() {
+    let choice = explicit.unwrap_or("nftables");
+    match choice {
         "nftables" => Ok(Box::new(nftables::Nftables)),
         "iptables" => Ok(Box::new(iptables::Iptables)),
         other => Err(Error::config(format!(
@@ -172,28 +163,6 @@ pub fn rule_set_for(conf: &NetConf, addrs: &[IpNetwork]) -> Result<RuleSet> {
         .filter_map(|c| c.parse().ok())
         .collect();
     Ok(RuleSet::new(&conf.name, &sources, &no_masq))
-}
-
-/// ADD's step: make sure the network's rules are installed (no exec when they are).
-pub fn ensure_for_network(conf: &NetConf, addrs: &[IpNetwork]) -> Result<()> {
-    let rs = rule_set_for(conf, addrs)?;
-    let b = backend(conf.raw.ip_masq_backend.as_deref())?;
-    ensure(b.as_ref(), &rs)
-}
-
-/// CHECK's step: the network's rules must be installed.
-pub fn check_for_network(conf: &NetConf, addrs: &[IpNetwork]) -> Result<()> {
-    let rs = rule_set_for(conf, addrs)?;
-    let b = backend(conf.raw.ip_masq_backend.as_deref())?;
-    if b.is_current(&rs)? {
-        Ok(())
-    } else {
-        Err(Error::CheckFailed(format!(
-            "the masquerade rules of network {} ({}) are missing or outdated",
-            rs.network,
-            b.name()
-        )))
-    }
 }
 
 /// Installs `rs` unless it is already current. Safe to race: every apply is one atomic

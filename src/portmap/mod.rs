@@ -12,7 +12,6 @@
 //! reclaim and CHECK know them, and conflicts are found before anything is installed.
 
 pub mod conntrack;
-pub mod nftnl;
 
 use std::net::IpAddr;
 
@@ -21,8 +20,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::ipam::Owner;
-use crate::masquerade::nftables::{TABLE, get_chain};
-use crate::masquerade::run_tool;
+use crate::masquerade::nftables::TABLE;
+use crate::nft::expr::{self, Expr, Verdict};
+use crate::nft::{BaseChain, Batch, Chain, Conn, Hook, NFPROTO_INET, Rule, SetSpec};
 
 /// One `runtimeConfig.portMappings` entry. containerd (go-cni) sends Go's field names
 /// (`HostPort`, ...), CRI-O and the spec camelCase; the Go plugins accept both because Go's
@@ -71,13 +71,6 @@ impl Element {
         let fam = if self.v4() { "4" } else { "6" };
         let kind = if self.host_ip.is_some() { "i" } else { "a" };
         format!("hp{fam}{kind}_{h}")
-    }
-
-    fn key(&self) -> String {
-        match self.host_ip {
-            Some(ip) => format!("{ip} . {} . {}", self.protocol, self.host_port),
-            None => format!("{} . {}", self.protocol, self.host_port),
-        }
     }
 
     /// Two elements claim the same traffic: same family, protocol and port, and the same host
@@ -142,82 +135,6 @@ fn net_hash(network: &str) -> String {
     crate::masquerade::RuleSet::new(network, &[], &[]).network_hash()
 }
 
-/// The fixed per-network objects; `subnets` are the pod subnets of the network.
-fn base_script(h: &str, bridge: &str, subnets: &[IpNetwork], comment: &str) -> String {
-    let t = TABLE;
-    let mut s = format!("add table inet {t}\n");
-    for (m, ty) in [
-        (
-            "hp4a",
-            "inet_proto . inet_service : ipv4_addr . inet_service",
-        ),
-        (
-            "hp4i",
-            "ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service",
-        ),
-        (
-            "hp6a",
-            "inet_proto . inet_service : ipv6_addr . inet_service",
-        ),
-        (
-            "hp6i",
-            "ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service",
-        ),
-    ] {
-        s.push_str(&format!("add map inet {t} {m}_{h} {{ type {ty}; }}\n"));
-    }
-    let chains = [
-        (format!("hp_{h}"), String::new()),
-        (
-            format!("hp_pre_{h}"),
-            "type nat hook prerouting priority dstnat; policy accept; ".into(),
-        ),
-        // -100 is dstnat; nft names that priority for prerouting only.
-        (
-            format!("hp_out_{h}"),
-            "type nat hook output priority -100; policy accept; ".into(),
-        ),
-        (
-            format!("hp_post_{h}"),
-            "type nat hook postrouting priority srcnat; policy accept; ".into(),
-        ),
-    ];
-    // Replace the chains whether or not they exist: flush every one first (dropping the jumps
-    // into hp_), then delete them, then create them again.
-    for (c, _) in &chains {
-        s.push_str(&format!("add chain inet {t} {c}\n"));
-    }
-    for (c, _) in &chains {
-        s.push_str(&format!("flush chain inet {t} {c}\n"));
-    }
-    for (c, _) in chains.iter().rev() {
-        s.push_str(&format!("delete chain inet {t} {c}\n"));
-    }
-    // The jump chain must exist before the base chains that reference it.
-    for (c, hook) in &chains {
-        s.push_str(&format!(
-            "add chain inet {t} {c} {{ {hook}comment \"{comment}\"; }}\n"
-        ));
-    }
-    let hp = format!("hp_{h}");
-    s.push_str(&format!(
-        "add rule inet {t} {hp} meta nfproto ipv4 dnat ip to ip daddr . meta l4proto . th dport map @hp4i_{h}\n\
-         add rule inet {t} {hp} meta nfproto ipv4 dnat ip to meta l4proto . th dport map @hp4a_{h}\n\
-         add rule inet {t} {hp} meta nfproto ipv6 dnat ip6 to ip6 daddr . meta l4proto . th dport map @hp6i_{h}\n\
-         add rule inet {t} {hp} meta nfproto ipv6 dnat ip6 to meta l4proto . th dport map @hp6a_{h}\n\
-         add rule inet {t} hp_pre_{h} fib daddr type local jump {hp}\n\
-         add rule inet {t} hp_out_{h} fib daddr type local jump {hp}\n\
-         add rule inet {t} hp_post_{h} ct status dnat ip saddr 127.0.0.0/8 masquerade\n"
-    ));
-    for n in subnets {
-        let (fam, _) = if n.is_ipv4() { ("ip", 4) } else { ("ip6", 6) };
-        s.push_str(&format!(
-            "add rule inet {t} hp_post_{h} ct status dnat oifname \"{bridge}\" {fam} saddr {n} masquerade\n"
-        ));
-    }
-    s
-}
-
 /// The first conflict between `mine` and the mappings of other attachments, as an error naming
 /// the holder.
 pub fn find_conflict<'a>(
@@ -243,8 +160,17 @@ pub fn find_conflict<'a>(
     Ok(())
 }
 
-/// A network's hostPort objects in the kernel. Which mappings exist is the attachment
-/// records' business; callers hold the pool lock while they change elements.
+/// A network's hostPort objects in the kernel: four maps keyed by what a packet arrives on
+/// (`hp4a`/`hp6a`: any local address, `proto . port`; `hp4i`/`hp6i`: one host address,
+/// `addr . proto . port`), all to `pod address . pod port`; chain `hp_<h>` DNATs through them
+/// and is jumped to for locally destined traffic from prerouting (outside, other pods) and
+/// output (the node itself, `127.0.0.1`); `hp_post_<h>` masquerades DNATed traffic from
+/// localhost and from the pod subnets (so replies come back through the node); and, with IPv4,
+/// the martian guard `hp_guard_<h>`: `route_localnet` lets the node's `127.0.0.1` be DNATed out
+/// through the bridge, so packets from the bridge to 127.0.0.0/8 that no mapping DNATed are
+/// dropped (the CVE-2020-8558 class; kube-proxy's own guard may or may not be there). Which
+/// mappings exist is the attachment records' business; callers hold the pool lock while they
+/// change elements.
 pub struct HostPorts<'a> {
     pub network: &'a str,
     pub bridge: &'a str,
@@ -252,90 +178,294 @@ pub struct HostPorts<'a> {
     pub subnets: Vec<IpNetwork>,
 }
 
+/// The maps: name prefix, key type and length, data type and length.
+fn map_specs(h: &str) -> Vec<SetSpec> {
+    use crate::nft::types::*;
+    let m = |n: &str, key: &[u32], key_len: u32, data: &[u32], data_len: u32| SetSpec {
+        name: format!("{n}_{h}"),
+        flags: crate::nft::NFT_SET_MAP,
+        key_type: concat(key),
+        key_len,
+        data: Some((concat(data), data_len)),
+    };
+    vec![
+        m(
+            "hp4a",
+            &[INET_PROTOCOL, INET_SERVICE],
+            8,
+            &[IPADDR, INET_SERVICE],
+            8,
+        ),
+        m(
+            "hp4i",
+            &[IPADDR, INET_PROTOCOL, INET_SERVICE],
+            12,
+            &[IPADDR, INET_SERVICE],
+            8,
+        ),
+        m(
+            "hp6a",
+            &[INET_PROTOCOL, INET_SERVICE],
+            8,
+            &[IP6ADDR, INET_SERVICE],
+            20,
+        ),
+        m(
+            "hp6i",
+            &[IP6ADDR, INET_PROTOCOL, INET_SERVICE],
+            24,
+            &[IP6ADDR, INET_SERVICE],
+            20,
+        ),
+    ]
+}
+
+/// `dnat ip[6] to [ip daddr .] meta l4proto . th dport map @MAP`.
+fn dnat_rule(v4: bool, by_addr: bool, map: String) -> Rule {
+    let mut e = expr::nfproto(v4);
+    let mut next = expr::REG_1;
+    if by_addr {
+        e.push(expr::daddr(v4, next));
+        next = expr::reg_after(next, if v4 { 4 } else { 16 });
+    }
+    e.extend(expr::l4proto_dport(next));
+    e.push(Expr::Lookup {
+        set: map,
+        sreg: expr::REG_1,
+        dreg: Some(expr::REG_1),
+        invert: false,
+    });
+    e.push(Expr::Dnat {
+        v4,
+        addr: expr::REG_1,
+        proto: Some(expr::reg_after(expr::REG_1, if v4 { 4 } else { 16 })),
+    });
+    Rule::new(e)
+}
+
 impl HostPorts<'_> {
     fn hash(&self) -> String {
         net_hash(self.network)
     }
 
-    fn comment(&self) -> String {
-        let mut sig = format!("{}|{}", self.network, self.bridge);
-        for n in &self.subnets {
-            sig.push_str(&format!("|{n}"));
-        }
-        format!(
-            "pontoon hostports net={} cfg={}",
-            self.network,
-            crate::masquerade::short_hash(sig.as_bytes())
-        )
-    }
-
-    /// Creates the per-network maps and chains unless they are there (one netlink request).
-    fn ensure_base(&self) -> Result<()> {
+    /// The network's maps and chains.
+    pub fn objects(&self) -> (Vec<SetSpec>, Vec<Chain>) {
         let h = self.hash();
-        if get_chain(TABLE, &format!("hp_post_{h}"))?.is_some_and(|r| {
-            r.windows(self.comment().len())
-                .any(|w| w == self.comment().as_bytes())
-        }) {
-            return Ok(());
+        let hp = format!("hp_{h}");
+        let nat = |hook, priority| {
+            Some(BaseChain {
+                kind: "nat",
+                hook,
+                priority,
+            })
+        };
+        let jump = || {
+            let mut e = expr::daddr_is_local();
+            e.push(Expr::Verdict(Verdict::Jump(hp.clone())));
+            vec![Rule::new(e)]
+        };
+        let mut post = vec![{
+            let mut e = expr::ct_status(expr::IPS_DST_NAT, true);
+            e.extend(expr::addr_in(true, "127.0.0.0/8".parse().unwrap()));
+            e.push(Expr::Masquerade);
+            Rule::new(e)
+        }];
+        for n in &self.subnets {
+            let mut e = expr::ct_status(expr::IPS_DST_NAT, true);
+            e.extend(expr::ifname(true, self.bridge));
+            e.extend(expr::addr_in(true, *n));
+            e.push(Expr::Masquerade);
+            post.push(Rule::new(e));
         }
-        run_tool(
-            "nft",
-            &["-f", "-"],
-            Some(&base_script(
-                &h,
-                self.bridge,
-                &self.subnets,
-                &self.comment(),
-            )),
-        )?;
+        let mut chains = vec![
+            Chain {
+                name: hp.clone(),
+                base: None,
+                rules: vec![
+                    dnat_rule(true, true, format!("hp4i_{h}")),
+                    dnat_rule(true, false, format!("hp4a_{h}")),
+                    dnat_rule(false, true, format!("hp6i_{h}")),
+                    dnat_rule(false, false, format!("hp6a_{h}")),
+                ],
+            },
+            Chain {
+                name: format!("hp_pre_{h}"),
+                base: nat(Hook::Prerouting, -100),
+                rules: jump(),
+            },
+            Chain {
+                name: format!("hp_out_{h}"),
+                base: nat(Hook::Output, -100),
+                rules: jump(),
+            },
+            Chain {
+                name: format!("hp_post_{h}"),
+                base: nat(Hook::Postrouting, 100),
+                rules: post,
+            },
+        ];
         if self.subnets.iter().any(IpNetwork::is_ipv4) {
-            // The node's own 127.0.0.1 may be DNATed out through the bridge.
-            crate::dataplane::sysctl::ensure(
-                &format!("net/ipv4/conf/{}/route_localnet", self.bridge),
-                "1",
-            )?;
+            let mut e = expr::ifname(false, self.bridge);
+            e.extend(expr::addr_in(false, "127.0.0.0/8".parse().unwrap()));
+            e.extend(expr::ct_status(expr::IPS_DST_NAT, false));
+            e.push(Expr::Verdict(Verdict::Drop));
+            chains.push(Chain {
+                name: format!("hp_guard_{h}"),
+                base: Some(BaseChain {
+                    kind: "filter",
+                    hook: Hook::Input,
+                    priority: 0,
+                }),
+                rules: vec![Rule::new(e).with_comment("pontoon: martian guard for route_localnet")],
+            });
         }
-        Ok(())
+        (map_specs(&h), chains)
     }
 
-    /// Installs `els` (the base objects first, if missing).
-    pub fn install(&self, conn: &mut nftnl::Conn, els: &[Element]) -> Result<()> {
-        if els.is_empty() {
+    /// The sysctl the node's own `127.0.0.1` needs to be DNATed out through the bridge (the
+    /// guard above comes with it). A read when it is set; nothing while the bridge does not
+    /// exist yet (the first ADD makes it and comes here).
+    pub fn ensure_route_localnet(&self) -> Result<()> {
+        if !self.subnets.iter().any(IpNetwork::is_ipv4) {
             return Ok(());
         }
-        self.ensure_base()?;
-        conn.change(TABLE, &placed(self.network, els), true, false)
+        match crate::dataplane::sysctl::ensure(
+            &format!("net/ipv4/conf/{}/route_localnet", self.bridge),
+            "1",
+        ) {
+            Err(e) if e.errno() == Some(libc::ENOENT) => Ok(()),
+            r => r,
+        }
     }
 
-    /// CHECK: every element in `els` is installed.
-    pub fn check(&self, els: &[Element]) -> Result<()> {
-        for e in els {
-            let q = format!("{{ {} }}", e.key());
-            let got = run_tool(
-                "nft",
-                &["get", "element", "inet", TABLE, &e.map(&self.hash()), &q],
-                None,
-            );
-            if !got.is_ok_and(|out| out.contains(&e.pod_ip.to_string())) {
-                return Err(Error::CheckFailed(format!(
-                    "hostPort {}/{} -> {}:{} is not installed",
-                    e.host_port, e.protocol, e.pod_ip, e.pod_port
-                )));
+    /// Adds the installation of the base objects and of `els` (the maps' whole content) to a
+    /// batch.
+    pub fn install(&self, batch: &mut Batch, els: &[Element]) {
+        let (sets, chains) = self.objects();
+        batch.install(NFPROTO_INET, TABLE, &sets, &chains);
+        for s in &sets {
+            batch.flush_set(NFPROTO_INET, TABLE, &s.name);
+        }
+        add_elements(batch, self.network, els);
+    }
+
+    /// CHECK: every element in `els` is installed with its data.
+    pub fn check(&self, conn: &mut Conn, els: &[Element]) -> Result<()> {
+        for (map, group) in by_map(self.network, els) {
+            let have = conn
+                .elements(NFPROTO_INET, TABLE, &map)?
+                .unwrap_or_default();
+            for e in group {
+                if !have.contains(&(key(e), Some(value(e)))) {
+                    return Err(Error::CheckFailed(format!(
+                        "hostPort {}/{} -> {}:{} is not installed",
+                        e.host_port, e.protocol, e.pod_ip, e.pod_port
+                    )));
+                }
             }
         }
         Ok(())
     }
+
+    /// Whether the maps hold exactly `els` (the agent's full check).
+    pub fn elements_match(&self, conn: &mut Conn, els: &[Element]) -> Result<bool> {
+        let (sets, _) = self.objects();
+        let want = by_map(self.network, els);
+        for s in sets {
+            let mut have = conn
+                .elements(NFPROTO_INET, TABLE, &s.name)?
+                .unwrap_or_default();
+            let mut w: Vec<(Vec<u8>, Option<Vec<u8>>)> = want
+                .iter()
+                .filter(|(m, _)| *m == s.name)
+                .flat_map(|(_, g)| g.iter().map(|e| (key(e), Some(value(e)))))
+                .collect();
+            have.sort();
+            w.sort();
+            if have != w {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
 }
 
-/// The elements with the maps of `network` they go in.
-fn placed<'e>(network: &str, els: &'e [Element]) -> Vec<(String, &'e Element)> {
+/// The elements grouped by the map of `network` they go in.
+fn by_map<'e>(network: &str, els: &'e [Element]) -> Vec<(String, Vec<&'e Element>)> {
     let h = net_hash(network);
-    els.iter().map(|e| (e.map(&h), e)).collect()
+    let mut out: Vec<(String, Vec<&Element>)> = Vec::new();
+    for e in els {
+        let m = e.map(&h);
+        match out.iter_mut().find(|(n, _)| *n == m) {
+            Some((_, g)) => g.push(e),
+            None => out.push((m, vec![e])),
+        }
+    }
+    out
 }
 
-/// Deletes `els` of `network`, those already gone (a flushed ruleset) included.
-pub fn remove(conn: &mut nftnl::Conn, network: &str, els: &[Element]) -> Result<()> {
-    conn.change(TABLE, &placed(network, els), false, true)
+/// Adds `els` of `network` to a batch.
+pub fn add_elements(batch: &mut Batch, network: &str, els: &[Element]) {
+    for (map, group) in by_map(network, els) {
+        let kv: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+            group.iter().map(|e| (key(e), Some(value(e)))).collect();
+        batch.add_elements(NFPROTO_INET, TABLE, &map, &kv);
+    }
+}
+
+/// Deletes `els` of `network`, those already gone (a flushed ruleset) included: each element
+/// is its own transaction, so one missing element does not keep the others.
+pub fn remove(conn: &mut Conn, network: &str, els: &[Element]) -> Result<()> {
+    for (map, group) in by_map(network, els) {
+        for e in group {
+            let mut b = Batch::new();
+            b.del_elements(NFPROTO_INET, TABLE, &map, &[key(e)]);
+            conn.commit_missing_ok(&b)?;
+        }
+    }
+    Ok(())
+}
+
+fn proto_num(p: &str) -> u8 {
+    match p {
+        "tcp" => 6,
+        "udp" => 17,
+        "sctp" => 132,
+        _ => 0,
+    }
+}
+
+fn push_addr(v: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(a) => v.extend_from_slice(&a.octets()),
+        IpAddr::V6(a) => v.extend_from_slice(&a.octets()),
+    }
+}
+
+/// A port as a concatenation field: 2 bytes in network order, padded to its 4-byte register.
+fn push_port(v: &mut Vec<u8>, port: u16) {
+    v.extend_from_slice(&port.to_be_bytes());
+    v.extend_from_slice(&[0, 0]);
+}
+
+/// The element's key: `[addr .] proto . port`, each field padded to a 4-byte register
+/// (`inet_proto` 1 byte, `inet_service` 2, `ipv4_addr` 4, `ipv6_addr` 16).
+pub fn key(e: &Element) -> Vec<u8> {
+    let mut k = Vec::new();
+    if let Some(ip) = e.host_ip {
+        push_addr(&mut k, ip);
+    }
+    k.extend_from_slice(&[proto_num(&e.protocol), 0, 0, 0]);
+    push_port(&mut k, e.host_port);
+    k
+}
+
+/// The element's value: `pod addr . pod port`.
+pub fn value(e: &Element) -> Vec<u8> {
+    let mut v = Vec::new();
+    push_addr(&mut v, e.pod_ip);
+    push_port(&mut v, e.pod_port);
+    v
 }
 
 /// Deletes the UDP conntrack entries of the mapped ports, so a UDP flow does not stick to a
@@ -393,7 +523,34 @@ mod tests {
         assert!(elements(&[pm(1, "icmp", "")], &ips).is_err());
         assert!(elements(&[pm(0, "tcp", "")], &ips).is_err());
         assert!(elements(&[pm(1, "tcp", "fd00::1")], &ips[..1]).is_err());
-        assert_eq!(any[0].key(), "tcp . 8080");
-        assert_eq!(v4only[0].key(), "192.0.2.1 . tcp . 8080");
+    }
+
+    #[test]
+    fn element_encodings() {
+        let e = Element {
+            host_ip: None,
+            protocol: "tcp".into(),
+            host_port: 8080,
+            pod_ip: "10.0.0.5".parse().unwrap(),
+            pod_port: 80,
+        };
+        assert_eq!(key(&e), [6, 0, 0, 0, 0x1f, 0x90, 0, 0]);
+        assert_eq!(value(&e), [10, 0, 0, 5, 0, 80, 0, 0]);
+        let e6 = Element {
+            host_ip: Some("2001:db8::1".parse().unwrap()),
+            protocol: "udp".into(),
+            host_port: 53,
+            pod_ip: "fd00::5".parse().unwrap(),
+            pod_port: 53,
+        };
+        assert_eq!(key(&e6).len(), 24);
+        assert_eq!(key(&e6)[16], 17);
+        assert_eq!(value(&e6).len(), 20);
+        // The maps' declared lengths match the encodings.
+        let specs = map_specs("h");
+        assert_eq!(specs[0].key_len as usize, key(&e).len());
+        assert_eq!(specs[0].data.unwrap().1 as usize, value(&e).len());
+        assert_eq!(specs[3].key_len as usize, key(&e6).len());
+        assert_eq!(specs[3].data.unwrap().1 as usize, value(&e6).len());
     }
 }

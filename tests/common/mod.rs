@@ -527,3 +527,17 @@ pub fn table(node: &Node) -> String {
     )
     .into_owned()
 }
+
+/// Runs `f` on a thread inside network namespace `ns` (a name under /var/run/netns), for
+/// library calls that open netlink sockets: they bind to that namespace, never the machine's.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let file = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
