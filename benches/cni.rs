@@ -2,7 +2,9 @@
 //! from containernetworking-plugins) and the kernel floor (the same links, addresses and routes
 //! made by `ip -batch`), measured as a runtime sees them: a whole process, env + stdin.
 //!
-//! Run as root: `bash hack/bench.sh` (or `cargo bench --bench cni -- [--quick] [--out FILE]`).
+//! Run as root: `bash hack/bench.sh` (or `cargo bench --bench cni -- [--quick] [--out FILE]
+//! [--only sequential,hostports,parallel,drain,scale]`). With `PONTOON_BASE_BIN=<an earlier pontoon>`
+//! that build runs too, interleaved, and a second table gives pontoon / base.
 //! Everything happens in namespaces this program creates and removes. Contenders are
 //! interleaved pod by pod so machine drift hits all equally.
 
@@ -19,6 +21,8 @@ const REFERENCE_DIR: &str = "/usr/lib/cni";
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Who {
     Pontoon,
+    /// An earlier pontoon (`PONTOON_BASE_BIN`), to measure a change in the same run.
+    Base,
     Reference,
     Floor,
 }
@@ -27,6 +31,7 @@ impl Who {
     fn name(self) -> &'static str {
         match self {
             Who::Pontoon => "pontoon",
+            Who::Base => "base",
             Who::Reference => "reference",
             Who::Floor => "floor",
         }
@@ -55,7 +60,7 @@ impl Contender {
 
     fn conf(&self, i: usize) -> Value {
         let ty = match self.who {
-            Who::Pontoon => "pontoon",
+            Who::Pontoon | Who::Base => "pontoon",
             _ => "bridge",
         };
         json!({
@@ -297,6 +302,7 @@ struct Bench {
     rows: BTreeMap<String, BTreeMap<Who, Value>>,
     work: PathBuf,
     pontoon: PathBuf,
+    base: Option<PathBuf>,
     next_idx: usize,
 }
 
@@ -307,11 +313,16 @@ impl Bench {
 
     fn contenders_with(&mut self, masq: bool, ports: bool, who_list: &[Who]) -> Vec<Contender> {
         let mut v = Vec::new();
-        for &who in who_list {
+        let mut list = who_list.to_vec();
+        if self.base.is_some() && list.contains(&Who::Pontoon) {
+            list.insert(1, Who::Base);
+        }
+        for who in list {
             self.next_idx += 1;
             let idx = self.next_idx;
             let bin = match who {
                 Who::Pontoon => self.pontoon.clone(),
+                Who::Base => self.base.clone().unwrap(),
                 Who::Reference => Path::new(REFERENCE_DIR).join("bridge"),
                 Who::Floor => PathBuf::new(),
             };
@@ -397,6 +408,7 @@ impl Bench {
     fn lock_hold(&mut self, n: usize) {
         let cs = self.contenders_with(false, true, &[Who::Pontoon]);
         let c = &cs[0];
+        // (an earlier pontoon does not log its lock hold: only this one is measured)
         let log = self.work.join("lock-hold.log");
         let mut holds = Stats::default();
         for i in 0..n {
@@ -453,6 +465,43 @@ impl Bench {
             for (i, p) in pods.iter().enumerate() {
                 c.del(p, i);
             }
+        }
+    }
+
+    /// A node drain: `total` pods ADDed (not timed), then all DELed by `workers` at a time;
+    /// the DEL latencies and the whole drain's time.
+    fn drain(&mut self, total: usize, workers: usize) {
+        let cs = self.contenders(false);
+        for c in &cs {
+            let pods: Vec<String> = (0..total)
+                .map(|i| self.pods.get(&format!("d{}-{i}", c.idx)))
+                .collect();
+            for (i, p) in pods.iter().enumerate() {
+                c.add(p, i);
+            }
+            let t = Instant::now();
+            let lat: Vec<Duration> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..workers)
+                    .map(|w| {
+                        let pods = &pods;
+                        s.spawn(move || {
+                            (w..total)
+                                .step_by(workers)
+                                .map(|i| c.del(&pods[i], i))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+            });
+            let mut v = Stats(lat).summary();
+            v["drain_s"] = json!(t.elapsed().as_secs_f64());
+            let how = if workers == 1 {
+                "back to back".to_string()
+            } else {
+                format!("{workers} at a time")
+            };
+            self.record(&format!("drain {total} pods, {how}"), c.who, v);
         }
     }
 
@@ -515,6 +564,44 @@ impl Bench {
     }
 
     fn print(&self) {
+        let base = self.base.is_some();
+        if base {
+            println!(
+                "\n{:<34} {:>22} {:>22} {:>9}",
+                "", "pontoon p50/p99 ms", "base p50/p99", "pon/base"
+            );
+        }
+        for (row, m) in self.rows.iter().filter(|_| base) {
+            let f = |w: Who| m.get(&w).and_then(|v| v["p50_ms"].as_f64());
+            let c = |w: Who| {
+                m.get(&w)
+                    .and_then(|v| {
+                        Some(format!(
+                            "{:.2} / {:.2}",
+                            v["p50_ms"].as_f64()?,
+                            v["p99_ms"].as_f64()?
+                        ))
+                    })
+                    .unwrap_or_else(|| "-".into())
+            };
+            let r = match (f(Who::Pontoon), f(Who::Base)) {
+                (Some(a), Some(b)) => format!("{:.2}", a / b),
+                _ => String::new(),
+            };
+            let rate = |w: Who| {
+                m.get(&w)
+                    .and_then(|v| v["pods_per_s"].as_f64())
+                    .map(|r| format!(" ({r:.0}/s)"))
+                    .unwrap_or_default()
+            };
+            println!(
+                "{:<34} {:>22} {:>22} {:>9}",
+                row,
+                c(Who::Pontoon) + &rate(Who::Pontoon),
+                c(Who::Base) + &rate(Who::Base),
+                r
+            );
+        }
         println!(
             "\n{:<34} {:>22} {:>22} {:>22} {:>9} {:>9}",
             "", "pontoon p50/p99 ms", "reference p50/p99", "floor p50/p99", "pon/ref", "pon/floor"
@@ -523,13 +610,16 @@ impl Bench {
             let cell = |w: Who| {
                 m.get(&w)
                     .map(|v| {
-                        let mut s = format!(
-                            "{:.2} / {:.2}",
-                            v["p50_ms"].as_f64().unwrap(),
-                            v["p99_ms"].as_f64().unwrap()
-                        );
+                        let (Some(p50), Some(p99)) = (v["p50_ms"].as_f64(), v["p99_ms"].as_f64())
+                        else {
+                            return "-".to_string();
+                        };
+                        let mut s = format!("{p50:.2} / {p99:.2}");
                         if let Some(r) = v["pods_per_s"].as_f64() {
                             s = format!("{s} ({r:.0}/s)");
+                        }
+                        if let Some(d) = v["drain_s"].as_f64() {
+                            s = format!("{s} ({d:.2} s)");
                         }
                         s
                     })
@@ -585,6 +675,14 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from("target/release/pontoon"));
     let pontoon =
         std::fs::canonicalize(&pontoon).expect("build pontoon first: cargo build --release");
+    let base = std::env::var_os("PONTOON_BASE_BIN")
+        .map(|p| std::fs::canonicalize(p).expect("PONTOON_BASE_BIN does not exist"));
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').map(String::from).collect());
+    let want = move |s: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
 
     // A throwaway node namespace; this process enters it so every plugin it starts runs there,
     // as under a runtime on the node (no `ip netns exec` in the measured path).
@@ -604,6 +702,7 @@ fn main() {
             rows: BTreeMap::new(),
             work: work.clone(),
             pontoon,
+            base,
             next_idx: 0,
         };
         let (n, par, total, levels, samples, prealloc) = if quick {
@@ -611,11 +710,24 @@ fn main() {
         } else {
             (100, 8, 200, vec![10, 100, 250], 20, 1000)
         };
-        b.sequential(n);
-        b.hostports(if quick { 3 } else { 50 });
-        b.lock_hold(if quick { 3 } else { 20 });
-        b.parallel(par, total);
-        b.scale(&levels, samples, prealloc);
+        if want("sequential") {
+            b.sequential(n);
+        }
+        if want("hostports") {
+            b.hostports(if quick { 3 } else { 50 });
+            b.lock_hold(if quick { 3 } else { 20 });
+        }
+        if want("parallel") {
+            b.parallel(par, total);
+        }
+        if want("drain") {
+            let pods = if quick { 8 } else { 110 };
+            b.drain(pods, 1);
+            b.drain(pods, 8);
+        }
+        if want("scale") {
+            b.scale(&levels, samples, prealloc);
+        }
         b.print();
         let json: BTreeMap<&String, BTreeMap<&str, &Value>> = b
             .rows

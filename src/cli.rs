@@ -277,6 +277,11 @@ enum MasqAction {
 
 /// The operator command line. Returns the exit code.
 pub fn operator_main() -> i32 {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(crate::reaper::ARG) {
+        let indexes: Vec<u32> = args[2..].iter().filter_map(|a| a.parse().ok()).collect();
+        return i32::from(crate::reaper::run(&indexes).is_err());
+    }
     logging::init(None, Some("info"));
     let cli = match Cli::try_parse() {
         Ok(c) => c,

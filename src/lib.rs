@@ -17,3 +17,4 @@ pub mod netns;
 pub mod nft;
 pub mod plugin;
 pub mod portmap;
+pub mod reaper;

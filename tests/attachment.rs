@@ -60,9 +60,11 @@ fn mapped_8080(node: &Node) -> Vec<String> {
 
 /// A pod lost without DEL (its netns, hence its veth, is gone).
 fn lose(node: &mut Node, ns: &str) {
-    let before = node.veths().len();
+    let before = node.all_veths().len();
     node.del_pod(ns);
-    wait_for("the lost pod's veth to go", || node.veths().len() < before);
+    wait_for("the lost pod's veth to go", || {
+        node.all_veths().len() < before
+    });
 }
 
 #[test]

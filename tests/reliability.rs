@@ -344,6 +344,9 @@ fn sigkill_during_add_and_del_leaks_nothing() {
         node.allocations("testnet")
     );
     assert!(node.veths().is_empty(), "{:?}", node.veths());
+    wait_for("the reaper to delete the retired veths", || {
+        node.all_veths().is_empty()
+    });
 }
 
 #[test]

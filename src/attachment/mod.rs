@@ -79,7 +79,8 @@ pub fn link_probe() -> LinkProbe {
     })
 }
 
-/// Kernel work of a release, done after the pool lock is dropped.
+/// Kernel work of a release, done after the pool lock is dropped: closing the nftables socket,
+/// flushing UDP conntrack, and handing the retired veths to the reaper.
 #[derive(Default)]
 pub struct Cleanup {
     nl: Option<Netlink>,
@@ -134,11 +135,10 @@ impl Cleanup {
         if links.is_empty() {
             return Ok(());
         }
+        // The veths are out of service already; deleting them (~20 ms each in the kernel) is
+        // left to the runtime's netns teardown and a detached reaper.
         let nl = self.nl()?;
-        for index in links {
-            nl.del_link_by_index(index)?;
-        }
-        Ok(())
+        crate::reaper::spawn(&links, nl)
     }
 }
 
@@ -345,16 +345,18 @@ fn consistent(pool: &Pool, store: &Store, owner: &Owner, rec: &Record) -> Result
     Ok(true)
 }
 
-/// ADD's last step, under the lock: the hostPort mappings go in, and the record gets its
-/// veth's ifindex and loses its lease. Maps that are gone (a flushed ruleset) make it
-/// re-install the network's whole firewall state from the records, this one included.
+/// ADD's last step: the hostPort mappings go in, and the record gets its veth's ifindex and
+/// loses its lease. Maps that are gone (a flushed ruleset) make it re-install the network's
+/// whole firewall state from the records, this one included. Without mappings there is
+/// nothing to change under the lock: while its lease is live only this ADD writes its record
+/// (GC and reclaim skip it), so the completed record simply replaces it.
 pub fn complete(
     pool: &Pool,
     owner: &Owner,
     firewall: &crate::firewall::Network,
     host_ifindex: u32,
 ) -> Result<()> {
-    locked(pool, false, |store, k| {
+    let finish = |store: &Store, k: &mut Cleanup| {
         let Stored::Ok(mut rec) = store.record(owner)? else {
             return Err(Error::Internal(format!(
                 "the record of {owner} vanished while its ADD ran"
@@ -375,7 +377,12 @@ pub fn complete(
         rec.host_ifindex = Some(host_ifindex);
         rec.lease = None;
         store.write_record(owner, &rec)
-    })
+    };
+    let unlocked = Store::unlocked(&pool.data_dir, &pool.network);
+    match unlocked.record(owner)? {
+        Stored::Ok(r) if r.port_mappings.is_empty() => finish(&unlocked, &mut Cleanup::default()),
+        _ => locked(pool, false, finish),
+    }
 }
 
 /// What a release freed.

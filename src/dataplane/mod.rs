@@ -201,18 +201,46 @@ fn create_veth(
     match host_nl.create_veth(&v) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-            // Either our host end from an earlier ADD of this attachment (replace it: its pod end
-            // goes with it), or CNI_IFNAME is taken inside the pod.
+            // Our host end from an earlier ADD of this attachment (replace it: its pod end goes
+            // with it), or CNI_IFNAME is taken inside the pod: by the pod end of a retired pair
+            // (a released attachment whose netns the runtime kept: delete it), or by something
+            // else (an error).
             if host_nl.del_link_by_name(host_name)? {
                 log::info!("replaced the existing veth {host_name} of this attachment");
-                host_nl
-                    .create_veth(&v)
-                    .map_err(|e| veth_error(e, spec.ifname, netns))
-            } else {
-                Err(veth_error(e, spec.ifname, netns))
+            } else if !remove_retired_pod_end(host_nl, netns, spec.ifname)? {
+                return Err(veth_error(e, spec.ifname, netns));
             }
+            host_nl
+                .create_veth(&v)
+                .map_err(|e| veth_error(e, spec.ifname, netns))
         }
         Err(e) => Err(veth_error(e, spec.ifname, netns)),
+    }
+}
+
+/// Deletes `ifname` in the pod if it is the pod end of a retired pontoon veth pair (host end
+/// named `pon…`, down and on no bridge): what a DEL leaves until the netns goes or the reaper
+/// runs. `Ok(false)` when it is anything else.
+fn remove_retired_pod_end(host_nl: &mut Netlink, netns: &NetNs, ifname: &str) -> Result<bool> {
+    let mut pod_nl = netns.run(Netlink::new)?;
+    let Some(pod) = pod_nl.link_by_name(ifname)? else {
+        return Ok(false);
+    };
+    let Some(peer) = pod
+        .peer_index
+        .filter(|_| pod.kind.as_deref() == Some("veth"))
+    else {
+        return Ok(false);
+    };
+    match host_nl.link_by_index(peer)? {
+        Some(h) if h.name.starts_with("pon") && !h.up && h.master.is_none() => {
+            log::info!(
+                "deleting the retired pair {}/{ifname} left in the pod",
+                h.name
+            );
+            host_nl.del_link_by_index(h.index)
+        }
+        _ => Ok(false),
     }
 }
 

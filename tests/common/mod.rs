@@ -184,7 +184,31 @@ impl Node {
             .collect()
     }
 
+    /// pontoon's host veths that are in service (up, or on a bridge). A released attachment's
+    /// veth is out of service when DEL returns; its deletion follows (the netns teardown or
+    /// the reaper): see [`Node::all_veths`].
     pub fn veths(&self) -> Vec<String> {
+        self.node_ok(&["ip", "-o", "link", "show"])
+            .lines()
+            .filter(|l| {
+                let flags = l
+                    .split('<')
+                    .nth(1)
+                    .and_then(|r| r.split('>').next())
+                    .unwrap_or("");
+                flags.split(',').any(|f| f == "UP") || l.contains(" master ")
+            })
+            .filter_map(|l| {
+                l.split(':')
+                    .nth(1)
+                    .map(|n| n.trim().split('@').next().unwrap().to_string())
+            })
+            .filter(|l| l.starts_with("pon"))
+            .collect()
+    }
+
+    /// Every pontoon host veth that exists, in service or not.
+    pub fn all_veths(&self) -> Vec<String> {
         self.links()
             .into_iter()
             .filter(|l| l.starts_with("pon"))
