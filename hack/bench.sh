@@ -4,9 +4,11 @@
 # throwaway namespaces. Prints a table with ratios and writes JSON (default target/bench-cni.json).
 #   bash hack/bench.sh            # full run (a few minutes)
 #   bash hack/bench.sh --quick    # smoke run (seconds)
+#   PONTOON_BASE_BIN=/path/to/older/pontoon bash hack/bench.sh   # also a before/after table
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then echo "run as root" >&2; exit 1; fi
 bash hack/install-deps.sh
-cargo build --release -q
+PONTOON_BIN=$(bash hack/build-static.sh)
+export PONTOON_BIN
 cargo bench -q --bench cni -- "$@"

@@ -14,6 +14,6 @@ if [ "${#need[@]}" -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-cargo build --release -q
+PONTOON_BIN=$(bash hack/build-static.sh)
 cargo build --release -q --manifest-path e2e/Cargo.toml
-PONTOON_BIN=target/release/pontoon e2e/target/release/pontoon-e2e
+PONTOON_BIN=$PONTOON_BIN e2e/target/release/pontoon-e2e

@@ -23,8 +23,7 @@ else
 fi
 
 echo "== benchmark smoke run (the full one is hack/bench.sh)"
-cargo build --release -q
-cargo bench -q --bench cni -- --quick --out target/bench-smoke.json
+PONTOON_BIN=$(bash hack/build-static.sh) cargo bench -q --bench cni -- --quick --out target/bench-smoke.json
 
 echo "== containerd CRI end-to-end tier"
 bash hack/e2e-containerd.sh

@@ -345,18 +345,17 @@ fn consistent(pool: &Pool, store: &Store, owner: &Owner, rec: &Record) -> Result
     Ok(true)
 }
 
-/// ADD's last step: the hostPort mappings go in, and the record gets its veth's ifindex and
-/// loses its lease. Maps that are gone (a flushed ruleset) make it re-install the network's
-/// whole firewall state from the records, this one included. Without mappings there is
-/// nothing to change under the lock: while its lease is live only this ADD writes its record
-/// (GC and reclaim skip it), so the completed record simply replaces it.
+/// ADD's last step, under the lock: the hostPort mappings go in, and the record gets its
+/// veth's ifindex and loses its lease (rewritten in place: see [`Store::rewrite_record`]).
+/// Maps that are gone (a flushed ruleset) make it re-install the network's whole firewall
+/// state from the records, this one included.
 pub fn complete(
     pool: &Pool,
     owner: &Owner,
     firewall: &crate::firewall::Network,
     host_ifindex: u32,
 ) -> Result<()> {
-    let finish = |store: &Store, k: &mut Cleanup| {
+    locked(pool, false, |store, k| {
         let Stored::Ok(mut rec) = store.record(owner)? else {
             return Err(Error::Internal(format!(
                 "the record of {owner} vanished while its ADD ran"
@@ -376,13 +375,8 @@ pub fn complete(
         }
         rec.host_ifindex = Some(host_ifindex);
         rec.lease = None;
-        store.write_record(owner, &rec)
-    };
-    let unlocked = Store::unlocked(&pool.data_dir, &pool.network);
-    match unlocked.record(owner)? {
-        Stored::Ok(r) if r.port_mappings.is_empty() => finish(&unlocked, &mut Cleanup::default()),
-        _ => locked(pool, false, finish),
-    }
+        store.rewrite_record(owner, &rec)
+    })
 }
 
 /// What a release freed.

@@ -274,8 +274,11 @@ impl Store {
             .ok()
     }
 
+    /// Updates the round-robin position in place (the lock is held; see [`overwrite`]). A
+    /// torn file after a power cut only restarts the round robin at the range start, for
+    /// host-local too.
     pub fn set_last_reserved(&self, set: usize, ip: IpAddr) -> Result<()> {
-        write_atomic(
+        overwrite(
             &self.dir.join(format!("last_reserved_ip.{set}")),
             ip.to_string().as_bytes(),
         )
@@ -299,9 +302,18 @@ impl Store {
             .ok()
     }
 
+    /// Writes a new record (or replaces one) through a temporary file and a rename: a reader
+    /// sees the old or the new one, whatever happens.
     pub fn write_record(&self, owner: &Owner, record: &Record) -> Result<()> {
         let bytes = serde_json::to_vec(record).expect("a record serialises");
         write_atomic(&self.record_path(owner), &bytes)
+    }
+
+    /// Rewrites an existing record in place. Only for a store locked by the caller (no reader
+    /// of the record can run meanwhile; unlocked readers tolerate an unreadable record).
+    pub fn rewrite_record(&self, owner: &Owner, record: &Record) -> Result<()> {
+        let bytes = serde_json::to_vec(record).expect("a record serialises");
+        overwrite(&self.record_path(owner), &bytes)
     }
 
     pub fn remove_record(&self, owner: &Owner) -> Result<()> {
@@ -465,6 +477,29 @@ fn lock_with_timeout(f: File, timeout: Duration, path: &Path) -> Result<File> {
             path.display()
         ))),
     }
+}
+
+/// Rewrites `path` in place: one `pwrite` and, when it got shorter, a truncation to the new,
+/// non-zero, length. Replacing a file by rename, or truncating it to zero and writing it
+/// again, makes ext4 start writing the new data out at once (`auto_da_alloc`): ~0.3 ms here,
+/// which an ADD would pay for each such file. Callers hold the pool lock, so no reader sees
+/// the file half written; only a power cut can tear it.
+pub fn overwrite(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let res = (|| {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        f.write_all_at(bytes, 0)?;
+        if f.metadata()?.len() > bytes.len() as u64 {
+            f.set_len(bytes.len() as u64)?;
+        }
+        Ok(())
+    })();
+    res.map_err(|e: io::Error| Error::io(format!("cannot write {}", path.display()), e))
 }
 
 /// Writes `path` through a temporary file and a rename, so readers see the old or the new

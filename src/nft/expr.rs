@@ -224,15 +224,18 @@ impl Expr {
 /// with every attribute pontoon sets equal. Attributes the kernel adds in its dump (defaults
 /// pontoon leaves out, newer fields) do not matter.
 pub fn same(ours: &[u8], theirs: &[u8]) -> bool {
+    if ours == theirs {
+        return true;
+    }
+    fn get<'a>(a: &[(u16, &'a [u8])], k: u16) -> Option<&'a [u8]> {
+        a.iter().find(|(t, _)| *t == k).map(|(_, v)| *v)
+    }
     let (o, t) = (attrs(ours), attrs(theirs));
-    let get = |a: &[(u16, &[u8])], k: u16| a.iter().find(|(t, _)| *t == k).map(|(_, v)| v.to_vec());
     if get(&o, 1) != get(&t, 1) {
         return false;
     }
-    let od = get(&o, 2).unwrap_or_default();
-    let td = get(&t, 2).unwrap_or_default();
-    let td = attrs(&td);
-    attrs(&od)
+    let td = attrs(get(&t, 2).unwrap_or_default());
+    attrs(get(&o, 2).unwrap_or_default())
         .iter()
         .all(|(k, v)| td.iter().any(|(tk, tv)| tk == k && tv == v))
 }

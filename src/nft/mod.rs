@@ -145,8 +145,8 @@ impl Rule {
 
     /// Whether a rule read back from the kernel is this one.
     pub fn matches(&self, got: &DumpedRule) -> bool {
-        self.userdata() == got.userdata
-            && self.exprs.len() == got.exprs.len()
+        self.exprs.len() == got.exprs.len()
+            && self.userdata() == got.userdata
             && self
                 .exprs
                 .iter()
@@ -962,10 +962,18 @@ pub fn removes_from_table(buf: &[u8], table: &str) -> bool {
 /// Compares the rules the kernel has with the chains pontoon would write: the names of the
 /// chains whose rules differ (missing chains included).
 pub fn differing(want: &[Chain], have: &[DumpedRule]) -> Vec<String> {
+    let mut by_chain: std::collections::HashMap<&str, Vec<&DumpedRule>> =
+        std::collections::HashMap::new();
+    for r in have {
+        by_chain.entry(r.chain.as_str()).or_default().push(r);
+    }
     want.iter()
         .filter(|c| {
-            let got: Vec<&DumpedRule> = have.iter().filter(|r| r.chain == c.name).collect();
-            got.len() != c.rules.len() || !c.rules.iter().zip(&got).all(|(w, g)| w.matches(g))
+            let got = by_chain
+                .get(c.name.as_str())
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            got.len() != c.rules.len() || !c.rules.iter().zip(got).all(|(w, g)| w.matches(g))
         })
         .map(|c| c.name.clone())
         .collect()
