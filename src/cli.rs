@@ -46,6 +46,15 @@ pub fn cni_main() -> i32 {
         None => ("?", "", ""),
     };
     let elapsed = started.elapsed();
+    let outcome = match &result {
+        Ok(_) => "ok".to_string(),
+        Err(e) => e.code().to_string(),
+    };
+    crate::ipam::store::record_op(&format!(
+        "op v1 {verb} {outcome} {} {}\n",
+        elapsed.as_micros(),
+        crate::attachment::RECLAIMED.load(std::sync::atomic::Ordering::Relaxed)
+    ));
     let mut out = std::io::stdout().lock();
     match result {
         Ok(reply) => {
@@ -200,9 +209,15 @@ enum Cmd {
         /// Seconds between reconciles (a resync; changes are acted on as they arrive).
         #[arg(long, default_value_t = 10)]
         interval: u64,
-        /// Address of the /healthz endpoint ("off" to disable).
-        #[arg(long, env = "PONTOON_HEALTHZ", default_value = "127.0.0.1:9765")]
-        healthz: String,
+        /// Address serving /healthz (liveness), /readyz (readiness) and /metrics (Prometheus)
+        /// ("off" to disable).
+        #[arg(
+            long,
+            env = "PONTOON_LISTEN",
+            alias = "healthz",
+            default_value = "127.0.0.1:9765"
+        )]
+        listen: String,
         /// Reconcile once and exit.
         #[arg(long)]
         once: bool,
@@ -440,7 +455,7 @@ fn run_operator(cli: Cli) -> Result<i32> {
             nodes_file,
             kubeconfig,
             interval,
-            healthz,
+            listen,
             once,
         } => {
             let source: Box<dyn crate::agent::NodeSource> = match nodes_file {
@@ -453,10 +468,10 @@ fn run_operator(cli: Cli) -> Result<i32> {
                 no_masquerade: node.no_masquerade.clone(),
                 install: node.spec(),
                 interval: std::time::Duration::from_secs(interval.max(1)),
-                healthz: match healthz.as_str() {
+                listen: match listen.as_str() {
                     "off" | "" => None,
                     a => Some(a.parse().map_err(|_| {
-                        Error::config(format!("--healthz {a:?} is not an address:port"))
+                        Error::config(format!("--listen {a:?} is not an address:port"))
                     })?),
                 },
                 once,

@@ -298,98 +298,27 @@ fn three_nodes_route_pods_to_each_other_and_follow_node_changes() {
     let _ = &cl.prefix;
 }
 
-/// A stand-in Kubernetes API server: list and watch of Nodes over plain HTTP on the loopback of
-/// a namespace, answering only requests with the kubeconfig's bearer token. Watch events are fed
-/// from files dropped into `events/`.
-const STAND_IN: &str = r#"
-import http.server, json, os, sys, time, glob
-root = sys.argv[1]
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a): pass
-    def send_json(self, obj):
-        b = json.dumps(obj).encode()
-        self.send_response(200); self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(b))); self.end_headers(); self.wfile.write(b)
-    def do_GET(self):
-        if self.headers.get("Authorization") != "Bearer test-token":
-            self.send_response(401); self.send_header("Content-Length", "0"); self.end_headers(); return
-        if not self.path.startswith("/api/v1/nodes"):
-            self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers(); return
-        if "watch=true" in self.path or "watch=1" in self.path:
-            self.send_response(200); self.send_header("Content-Type", "application/json")
-            self.send_header("Transfer-Encoding", "chunked"); self.end_headers()
-            sent = set(); start = time.time()
-            try:
-                while time.time() - start < 20:
-                    for f in sorted(glob.glob(os.path.join(root, "events", "*.json"))):
-                        if f in sent: continue
-                        sent.add(f)
-                        line = open(f).read().strip().encode() + b"\n"
-                        self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line)); self.wfile.flush()
-                    time.sleep(0.1)
-                self.wfile.write(b"0\r\n\r\n")
-            except BrokenPipeError:
-                pass
-            return
-        with open(os.path.join(root, "nodes.json")) as f:
-            items = json.load(f)
-        self.send_json({"kind": "NodeList", "apiVersion": "v1", "metadata": {"resourceVersion": "10"}, "items": items})
-http.server.ThreadingHTTPServer(("127.0.0.1", 16443), H).serve_forever()
-"#;
-
 #[test]
 fn kubernetes_discovery_lists_and_watches_nodes() {
     if !require_root() {
         return;
     }
     let node = Node::new("kube");
-    let root = node.dir.join("api");
-    std::fs::create_dir_all(root.join("events")).unwrap();
-    let with_rv = |mut n: Value, rv: &str| {
-        n["metadata"]["resourceVersion"] = json!(rv);
-        n["apiVersion"] = json!("v1");
+    let with_kind = |mut n: Value| {
         n["kind"] = json!("Node");
+        n["apiVersion"] = json!("v1");
         n
     };
-    std::fs::write(
-        root.join("nodes.json"),
-        json!([
-            with_rv(node_json("me", "192.0.2.1", "10.244.5.0/24"), "5"),
-            with_rv(node_json("peer", "192.0.2.2", "10.244.6.0/24"), "6")
-        ])
-        .to_string(),
-    )
-    .unwrap();
-    std::fs::write(root.join("server.py"), STAND_IN).unwrap();
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &node.name, "python3"])
-        .arg(root.join("server.py"))
-        .arg(&root)
-        .spawn()
-        .unwrap();
-    let kubeconfig = root.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        r#"apiVersion: v1
-kind: Config
-clusters:
-- name: standin
-  cluster:
-    server: http://127.0.0.1:16443
-users:
-- name: agent
-  user:
-    token: test-token
-contexts:
-- name: standin
-  context: {cluster: standin, user: agent}
-current-context: standin
-"#,
-    )
-    .unwrap();
+    let api = common::standin::StandIn::start(
+        &node.name,
+        "127.0.0.1:16443",
+        &node.dir.join("api"),
+        &[
+            with_kind(node_json("me", "192.0.2.1", "10.244.5.0/24")),
+            with_kind(node_json("peer", "192.0.2.2", "10.244.6.0/24")),
+        ],
+    );
     node.node_ok(&["ip", "addr", "add", "192.0.2.1/24", "dev", "lo"]);
-    std::thread::sleep(Duration::from_millis(500));
     let nd = node.dir.join("host");
     let mut agent = Command::new("ip")
         .args([
@@ -402,14 +331,14 @@ current-context: standin
             "me",
             "--kubeconfig",
         ])
-        .arg(&kubeconfig)
+        .arg(api.kubeconfig())
         .arg("--cni-bin-dir")
         .arg(nd.join("bin"))
         .arg("--cni-conf-dir")
         .arg(nd.join("net.d"))
         .arg("--data-dir")
         .arg(node.data_dir())
-        .args(["--interval", "30", "--healthz", "off"])
+        .args(["--interval", "30", "--listen", "off"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -419,11 +348,9 @@ current-context: standin
     while !conf.exists() && t.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let ok = conf.exists();
-    if !ok {
+    if !conf.exists() {
         let _ = agent.kill();
         let out = agent.wait_with_output().unwrap();
-        let _ = server.kill();
         panic!(
             "no conflist from the API's Node object: {}",
             String::from_utf8_lossy(&out.stderr)
@@ -434,7 +361,7 @@ current-context: standin
         list["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
         "10.244.5.0/24"
     );
-    // The route to the listed peer; a watched ADDED node gets one too, a DELETED one loses it.
+    // The route to the listed peer; a node created later gets one too, a deleted one loses it.
     let routes = |n: &Node| {
         String::from_utf8_lossy(&n.exec(&["ip", "route", "show", "proto", "201"]).stdout)
             .into_owned()
@@ -442,21 +369,11 @@ current-context: standin
     wait_for("the peer's route", || {
         routes(&node).contains("10.244.6.0/24 via 192.0.2.2")
     });
-    let new = with_rv(node_json("new", "192.0.2.3", "10.244.7.0/24"), "11");
-    std::fs::write(
-        root.join("events/001.json"),
-        json!({"type": "ADDED", "object": new}).to_string(),
-    )
-    .unwrap();
+    api.apply(&with_kind(node_json("new", "192.0.2.3", "10.244.7.0/24")));
     wait_for("the watched node's route", || {
         routes(&node).contains("10.244.7.0/24 via 192.0.2.3")
     });
-    let gone = with_rv(node_json("peer", "192.0.2.2", "10.244.6.0/24"), "12");
-    std::fs::write(
-        root.join("events/002.json"),
-        json!({"type": "DELETED", "object": gone}).to_string(),
-    )
-    .unwrap();
+    api.kubectl(&["delete", "node", "peer"]);
     wait_for("the deleted node's route to go", || {
         !routes(&node).contains("10.244.6.0/24")
     });
@@ -466,6 +383,17 @@ current-context: standin
     )
     .unwrap();
     assert_eq!(agent.wait().unwrap().code(), Some(0));
-    let _ = server.kill();
-    let _ = server.wait();
+    // The agent asked for nothing but what its ClusterRole grants: get/list/watch nodes.
+    let (mine, kubectl): (Vec<String>, Vec<String>) = api
+        .requests()
+        .into_iter()
+        .partition(|r| r.starts_with("GET /api/v1/nodes?"));
+    assert!(!mine.is_empty());
+    for r in kubectl {
+        // kubectl's own requests in this test (discovery, get, create, delete).
+        assert!(
+            r.starts_with("GET /api") || r.contains("/api/v1/nodes"),
+            "unexpected request {r}"
+        );
+    }
 }

@@ -23,6 +23,17 @@ struct State {
     synced: bool,
     last_error: Option<String>,
     generation: u64,
+    /// Told of every change, once the agent subscribed.
+    wake: Option<std::sync::mpsc::Sender<super::Wake>>,
+}
+
+impl State {
+    fn changed(&mut self) {
+        self.generation += 1;
+        if let Some(w) = &self.wake {
+            let _ = w.send(super::Wake::Nodes);
+        }
+    }
 }
 
 pub struct KubeNodes {
@@ -90,21 +101,21 @@ async fn watch(kubeconfig: Option<PathBuf>, shared: Arc<(Mutex<State>, Condvar)>
                         }
                         st.synced = true;
                         st.last_error = None;
-                        st.generation += 1;
+                        st.changed();
                     }
                     watcher::Event::Apply(n) => {
                         if let Some(i) = info(&n)
                             && st.nodes.get(&i.name) != Some(&i)
                         {
                             st.nodes.insert(i.name.clone(), i);
-                            st.generation += 1;
+                            st.changed();
                         }
                     }
                     watcher::Event::Delete(n) => {
                         if let Some(name) = n.metadata.name.as_ref()
                             && st.nodes.remove(name).is_some()
                         {
-                            st.generation += 1;
+                            st.changed();
                         }
                     }
                 }
@@ -164,14 +175,13 @@ impl NodeSource for KubeNodes {
         Ok(st.nodes.values().cloned().collect())
     }
 
-    fn wait_change(&mut self, timeout: Duration) -> bool {
-        let (m, cv) = &*self.shared;
-        let st = m.lock().unwrap();
-        let seen = self.seen;
-        let (st, _) = cv
-            .wait_timeout_while(st, timeout, |s| s.generation == seen)
-            .unwrap();
-        st.generation != seen
+    fn subscribe(&mut self, wake: std::sync::mpsc::Sender<super::Wake>) {
+        let (m, _) = &*self.shared;
+        let mut st = m.lock().unwrap();
+        if st.generation != self.seen {
+            let _ = wake.send(super::Wake::Nodes);
+        }
+        st.wake = Some(wake);
     }
 
     fn describe(&self) -> String {

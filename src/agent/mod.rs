@@ -1,33 +1,39 @@
 //! `pontoon agent`: the long-running node agent the DaemonSet runs.
 //!
-//! Each reconcile (every `--interval`, and whenever the node source reports a change):
-//! 1. learns this node's pod CIDRs (from its Node object, or flags) and every node's;
-//! 2. installs the binary, `loopback` and the conflist (binary first; atomic; only on change),
-//!    with every cluster pod CIDR excluded from masquerade;
-//! 3. re-asserts the masquerade rules (the same rule set an ADD would install, so the two never
-//!    fight), re-creating them if something flushed the ruleset;
-//! 4. keeps, for every other node, a route `podCIDR via <InternalIP>` per family, owned by the
-//!    dedicated route protocol [`RTPROT_PONTOON`]: added, replaced when the IP changes, removed
-//!    when the node goes; routes of any other protocol are never touched.
+//! Each pass (every `--interval`, and as soon as the node source reports a change, or nf_tables
+//! reports something of pontoon's table removed) reconciles every item on its own; a failing
+//! item is reported (logged once when it appears or changes, listed by `/readyz`, counted in
+//! `/metrics`) and retried next pass, and never holds back another:
+//! 1. this node's pod CIDRs (from its Node object, or flags);
+//! 2. the binary, `loopback` and the conflist (binary first; atomic; only on change), with every
+//!    cluster pod CIDR (aggregated) excluded from masquerade;
+//! 3. the network's firewall state (masquerade, hostPort objects, every recorded mapping),
+//!    compared with what it must be and re-installed when it differs;
+//! 4. forwarding (a read-only `/proc/sys` with forwarding off is one clear problem);
+//! 5. attachments whose pod is gone (reclaimed, with everything they hold);
+//! 6. for every other node, a route `podCIDR via <InternalIP>` per family, owned by route
+//!    protocol [`RTPROT_PONTOON`]; routes of any other protocol are never touched.
 //!
-//! It answers `GET /healthz` on localhost (200 while the last reconcile succeeded recently) and
-//! exits cleanly on SIGTERM/SIGINT, leaving routes and rules in place so pods keep working
-//! during an upgrade.
+//! It exits cleanly on SIGTERM/SIGINT, leaving routes and rules in place so pods keep working
+//! during an upgrade. Between passes it sleeps on a channel: nothing wakes it but work.
 
+pub mod http;
 #[cfg(feature = "kube")]
 pub mod kube;
+pub mod metrics;
 pub mod nodes;
+pub mod routes;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
 
-use crate::dataplane::{Netlink, RouteSpec};
+use crate::dataplane::Netlink;
 use crate::error::{Error, Result};
 use crate::install::{self, Spec};
 use crate::masquerade;
@@ -45,23 +51,53 @@ pub struct Options {
     pub no_masquerade: Vec<IpNetwork>,
     pub install: Spec,
     pub interval: Duration,
-    pub healthz: Option<SocketAddr>,
-    /// One reconcile, then exit (for init containers and tests).
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub listen: Option<SocketAddr>,
+    /// One pass, then exit (for init containers and tests).
     pub once: bool,
 }
 
-/// What one reconcile did, for the log.
-#[derive(Debug, Default)]
-pub struct Outcome {
-    pub installed: install::Changes,
-    pub masquerade_applied: bool,
-    pub routes_added: Vec<String>,
-    pub routes_removed: Vec<String>,
+/// What wakes the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    Nodes,
+    Firewall,
+    Stop,
 }
 
-/// The desired routes to other nodes: pod CIDR -> gateway (that node's InternalIP of the same
-/// family).
-pub fn desired_routes(me: &str, nodes: &[NodeInfo]) -> BTreeMap<IpNetwork, IpAddr> {
+/// A problem of one item of a pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// What it is about ("route 10.244.3.0/24", "forwarding", ...): one per item.
+    pub item: String,
+    /// For metrics: "route_unreachable", "route_conflict", "sysctl", "install", ...
+    pub kind: &'static str,
+    pub msg: String,
+}
+
+impl Problem {
+    fn new(item: &str, kind: &'static str, e: impl std::fmt::Display) -> Problem {
+        Problem {
+            item: item.to_string(),
+            kind,
+            msg: e.to_string(),
+        }
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Default)]
+pub struct Pass {
+    pub installed: install::Changes,
+    pub healed: bool,
+    pub routes: routes::Synced,
+    pub reclaimed: Vec<(crate::ipam::Owner, Vec<IpAddr>)>,
+    pub problems: Vec<Problem>,
+}
+
+/// The desired routes to other nodes: pod CIDR -> (that node's InternalIP of the same family,
+/// the node).
+pub fn desired_routes(me: &str, nodes: &[NodeInfo]) -> routes::Want {
     let mut out = BTreeMap::new();
     for n in nodes.iter().filter(|n| n.name != me) {
         for cidr in &n.pod_cidrs {
@@ -70,81 +106,204 @@ pub fn desired_routes(me: &str, nodes: &[NodeInfo]) -> BTreeMap<IpNetwork, IpAdd
                 .iter()
                 .find(|ip| ip.is_ipv4() == cidr.is_ipv4())
             {
-                out.insert(IpNetwork::new(cidr.network(), cidr.prefix()).unwrap(), *ip);
+                out.insert(
+                    IpNetwork::new(cidr.network(), cidr.prefix()).unwrap(),
+                    (*ip, n.name.clone()),
+                );
             }
         }
     }
     out
 }
 
-/// Makes the node's routes owned by [`RTPROT_PONTOON`] equal `want`.
-pub fn sync_routes(
-    nl: &mut Netlink,
-    want: &BTreeMap<IpNetwork, IpAddr>,
-) -> Result<(Vec<String>, Vec<String>)> {
-    let mut added = Vec::new();
-    let mut removed = Vec::new();
-    let mut have: BTreeMap<IpNetwork, Option<IpAddr>> = BTreeMap::new();
-    for v4 in [true, false] {
-        for r in nl.routes(v4)? {
-            if r.protocol == Some(RTPROT_PONTOON) && r.table == Some(254) {
-                have.insert(r.dst, r.gw);
-            }
-        }
-    }
-    for (dst, gw) in want {
-        if have.get(dst) == Some(&Some(*gw)) {
-            continue;
-        }
-        nl.replace_route(&route(*dst, Some(*gw)))?;
-        added.push(format!("{dst} via {gw}"));
-    }
-    for (dst, gw) in &have {
-        if !want.contains_key(dst) {
-            nl.del_route(&route(*dst, *gw))?;
-            removed.push(dst.to_string());
-        }
-    }
-    Ok((added, removed))
-}
-
-fn route(dst: IpNetwork, gw: Option<IpAddr>) -> RouteSpec {
-    RouteSpec {
-        protocol: Some(RTPROT_PONTOON),
-        dst,
-        gw,
-        oif: None,
-        priority: None,
-        table: None,
-        scope: None,
-        mtu: None,
-        advmss: None,
-    }
-}
-
-/// Installs binary, loopback and conflist, then makes the network's firewall state (masquerade,
-/// hostPort objects and every recorded mapping) equal what the conflist and the attachment
-/// records say, and turns forwarding on. Returns what was installed and whether the firewall
-/// had to be healed.
-pub fn install_and_firewall(spec: &Spec, self_bin: &[u8]) -> Result<(install::Changes, bool)> {
-    let installed = install::install(spec, self_bin)?;
-    // The state an ADD with this conflist would install: the two agree by construction.
-    let conf = crate::cni::NetConf::parse(
+/// The plugin configuration the installed conflist makes (what an ADD on this node reads).
+fn installed_conf(spec: &Spec) -> Result<crate::cni::NetConf> {
+    crate::cni::NetConf::parse(
         install::plugin_conf(&install::conflist(spec))
             .to_string()
             .as_bytes(),
-    )?;
+    )
+}
+
+/// Installs binary, loopback and conflist, then makes the network's firewall state equal what
+/// the conflist and the attachment records say, and turns forwarding on. Returns what was
+/// installed and whether the firewall had to be healed (`pontoon install` uses it whole).
+pub fn install_and_firewall(spec: &Spec, self_bin: &[u8]) -> Result<(install::Changes, bool)> {
+    let installed = install::install(spec, self_bin)?;
+    let conf = installed_conf(spec)?;
     let healed = crate::firewall::Network::of(&conf, &[])?.reconcile()?;
-    let rs = masquerade::rule_set_for(&conf, &[])?;
-    let ips: Vec<IpAddr> = rs.sources.iter().map(|n| n.ip()).collect();
-    masquerade::ensure_forwarding(&ips)?;
+    forwarding(spec)
+        .into_iter()
+        .next()
+        .map_or(Ok(()), |p| Err(Error::config(p.msg)))?;
     Ok((installed, healed))
 }
 
-/// Watches nf_tables events and raises `dirty` when something removes a table, chain or rule
-/// of pontoon's table (a flush, a firewall reload), so the agent heals within a second rather
-/// than at its next interval.
-pub fn watch_firewall(dirty: Arc<AtomicBool>) -> Result<()> {
+/// Turns on IPv4/IPv6 forwarding for the families of the node's pod CIDRs when it is off. A
+/// read-only `/proc/sys` (a non-privileged container) with forwarding off is one problem that
+/// says what to do.
+fn forwarding(spec: &Spec) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for (v4, key, name) in [
+        (true, "net/ipv4/ip_forward", "net.ipv4.ip_forward"),
+        (
+            false,
+            "net/ipv6/conf/all/forwarding",
+            "net.ipv6.conf.all.forwarding",
+        ),
+    ] {
+        if !spec.pod_cidrs.iter().any(|c| c.is_ipv4() == v4) {
+            continue;
+        }
+        match crate::dataplane::sysctl::ensure(key, "1") {
+            Ok(()) => {}
+            Err(e) if matches!(e.errno(), Some(libc::EROFS | libc::EACCES | libc::EPERM)) => {
+                out.push(Problem::new(
+                    "forwarding",
+                    "sysctl",
+                    format!(
+                        "{name} is 0 and /proc/sys is read-only in this container, so pods \
+                         cannot reach anything beyond the node: set it on the node \
+                         (sysctl -w {name}=1, and in /etc/sysctl.d/ to keep it), or run the \
+                         agent with a writable /proc/sys"
+                    ),
+                ));
+            }
+            Err(e) => out.push(Problem::new("forwarding", "sysctl", e)),
+        }
+    }
+    out
+}
+
+/// One pass against a snapshot of the nodes: every item on its own.
+pub fn reconcile(
+    opts: &Options,
+    nodes: &[NodeInfo],
+    self_bin: &[u8],
+    metrics: &std::sync::Mutex<metrics::Metrics>,
+) -> Pass {
+    let mut pass = Pass::default();
+    let me = nodes.iter().find(|n| n.name == opts.node_name);
+    let pod_cidrs = if !opts.pod_cidrs.is_empty() {
+        opts.pod_cidrs.clone()
+    } else {
+        me.map(|n| n.pod_cidrs.clone()).unwrap_or_default()
+    };
+    if pod_cidrs.is_empty() {
+        pass.problems.push(Problem::new(
+            "pod CIDRs",
+            "pod_cidrs",
+            format!(
+                "node {} has no pod CIDRs yet (spec.podCIDRs; is kube-controller-manager run with \
+                 --allocate-node-cidrs?), and none were given with --pod-cidr: no conflist yet",
+                opts.node_name
+            ),
+        ));
+    } else {
+        // Traffic to any pod of the cluster keeps its source address.
+        let mut no_masq: Vec<IpNetwork> = opts.no_masquerade.clone();
+        no_masq.extend(nodes.iter().flat_map(|n| n.pod_cidrs.iter().copied()));
+        no_masq.extend(pod_cidrs.iter().copied());
+        let mut spec = opts.install.clone();
+        spec.pod_cidrs = pod_cidrs;
+        spec.no_masquerade = masquerade::aggregate(no_masq);
+        match install::install(&spec, self_bin) {
+            Ok(ch) => pass.installed = ch,
+            Err(e) => pass.problems.push(Problem::new("install", "install", e)),
+        }
+        match installed_conf(&spec) {
+            Err(e) => pass.problems.push(Problem::new("conflist", "install", e)),
+            Ok(conf) => {
+                match crate::firewall::Network::of(&conf, &[]).and_then(|fw| fw.reconcile()) {
+                    Ok(healed) => pass.healed = healed,
+                    Err(e) => pass.problems.push(Problem::new("firewall", "firewall", e)),
+                }
+                if let (Some(t), Some(v)) = (conf.ipam_type(), &conf.raw.ipam)
+                    && crate::ipam::IN_PROCESS_TYPES.contains(&t)
+                {
+                    match crate::ipam::Pool::from_config(&conf.name, v, None) {
+                        Ok(pool) => pool_item(&pool, &mut pass, metrics),
+                        Err(e) => pass.problems.push(Problem::new("pool", "pool", e)),
+                    }
+                }
+            }
+        }
+        pass.problems.extend(forwarding(&spec));
+    }
+    match Netlink::new()
+        .and_then(|mut nl| routes::sync(&mut nl, &desired_routes(&opts.node_name, nodes)))
+    {
+        Ok(r) => {
+            pass.problems.extend(r.problems.iter().cloned());
+            pass.routes = r;
+        }
+        Err(e) => pass.problems.push(Problem::new("routes", "route", e)),
+    }
+    pass
+}
+
+/// The pool: stale attachments reclaimed (with everything they hold), its state and the CNI
+/// operations since the last pass into the metrics.
+fn pool_item(
+    pool: &crate::ipam::Pool,
+    pass: &mut Pass,
+    metrics: &std::sync::Mutex<metrics::Metrics>,
+) {
+    if !pool.dir().exists() {
+        return; // no pod yet
+    }
+    let alive = crate::attachment::link_probe();
+    match crate::attachment::reclaim_stale(pool, &alive) {
+        Ok(r) => pass.reclaimed = r,
+        Err(e) => pass
+            .problems
+            .push(Problem::new("stale attachments", "pool", e)),
+    }
+    let mut m = metrics.lock().unwrap();
+    let n: usize = pass.reclaimed.iter().map(|(_, ips)| ips.len()).sum();
+    if n > 0 {
+        m.pool_reclaimed
+            .get_or_create(&metrics::Net {
+                network: pool.network.clone(),
+            })
+            .inc_by(n as u64);
+    }
+    m.fold_ops(pool);
+    match crate::attachment::report(pool, &alive) {
+        Ok(r) => m.pool(pool, &r),
+        Err(e) => pass.problems.push(Problem::new("pool report", "pool", e)),
+    }
+}
+
+fn log_pass(p: &Pass) {
+    let i = &p.installed;
+    if i.binary {
+        log::info!("installed the pontoon binary");
+    }
+    if i.loopback {
+        log::info!("installed loopback");
+    }
+    if i.conflist {
+        log::info!("wrote the conflist");
+    }
+    if p.healed {
+        log::info!("firewall state (masquerade, hostPorts) re-installed from the records");
+    }
+    for (o, ips) in &p.reclaimed {
+        log::info!("reclaimed {ips:?} of {o}: its pod is gone");
+    }
+    for r in &p.routes.added {
+        log::info!("route {r}");
+    }
+    for r in &p.routes.removed {
+        log::info!("route to {r} removed (node gone)");
+    }
+}
+
+/// Watches nf_tables events and sends [`Wake::Firewall`] when something removes a table,
+/// chain, rule or set of pontoon's table (a flush, a firewall reload), so the agent heals
+/// within a second rather than at its next interval.
+pub fn watch_firewall(wake: Sender<Wake>) -> Result<()> {
     use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
     const NFNLGRP_NFTABLES: u32 = 7;
     let mut sock = Socket::new(NETLINK_NETFILTER)
@@ -158,17 +317,16 @@ pub fn watch_firewall(dirty: Arc<AtomicBool>) -> Result<()> {
         .spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
-                let n = match sock.recv(&mut &mut buf[..], 0) {
-                    Ok(n) => n,
+                let removed = match sock.recv(&mut &mut buf[..], 0) {
+                    Ok(n) => crate::nft::removes_from_table(
+                        &buf[..n],
+                        crate::masquerade::nftables::TABLE,
+                    ),
                     // ENOBUFS: events were lost; assume the worst.
-                    Err(_) => {
-                        dirty.store(true, Ordering::Relaxed);
-                        std::thread::sleep(Duration::from_millis(100));
-                        continue;
-                    }
+                    Err(_) => true,
                 };
-                if crate::nft::removes_from_table(&buf[..n], crate::masquerade::nftables::TABLE) {
-                    dirty.store(true, Ordering::Relaxed);
+                if removed && wake.send(Wake::Firewall).is_err() {
+                    return;
                 }
             }
         })
@@ -176,165 +334,128 @@ pub fn watch_firewall(dirty: Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
-/// One reconcile against a snapshot of the nodes.
-pub fn reconcile(opts: &Options, nodes: &[NodeInfo], self_bin: &[u8]) -> Result<Outcome> {
-    let me = nodes.iter().find(|n| n.name == opts.node_name);
-    let pod_cidrs = if !opts.pod_cidrs.is_empty() {
-        opts.pod_cidrs.clone()
-    } else {
-        match me {
-            Some(n) if !n.pod_cidrs.is_empty() => n.pod_cidrs.clone(),
-            _ => {
-                return Err(Error::config(format!(
-                    "node {} has no pod CIDRs yet (spec.podCIDRs), and none were given with \
-                     --pod-cidr",
-                    opts.node_name
-                )));
-            }
-        }
-    };
-    // Traffic to any pod of the cluster keeps its source address.
-    let mut no_masq: Vec<IpNetwork> = opts.no_masquerade.clone();
-    let mut seen: HashSet<IpNetwork> = no_masq.iter().copied().collect();
-    for c in nodes
-        .iter()
-        .flat_map(|n| n.pod_cidrs.iter())
-        .chain(pod_cidrs.iter())
-    {
-        if seen.insert(*c) {
-            no_masq.push(*c);
-        }
-    }
-    let mut spec = opts.install.clone();
-    spec.pod_cidrs = pod_cidrs;
-    spec.no_masquerade = no_masq;
-    let (installed, masquerade_applied) = install_and_firewall(&spec, self_bin)?;
-    let mut nl = Netlink::new()?;
-    let (routes_added, routes_removed) =
-        sync_routes(&mut nl, &desired_routes(&opts.node_name, nodes))?;
-    Ok(Outcome {
-        installed,
-        masquerade_applied,
-        routes_added,
-        routes_removed,
-    })
-}
-
-fn log_outcome(o: &Outcome) {
-    let i = &o.installed;
-    if i.binary {
-        log::info!("installed the pontoon binary");
-    }
-    if i.loopback {
-        log::info!("installed loopback");
-    }
-    if i.conflist {
-        log::info!("wrote the conflist");
-    }
-    if o.masquerade_applied {
-        log::info!("firewall state (masquerade, hostPorts) re-installed from the records");
-    }
-    for r in &o.routes_added {
-        log::info!("route {r}");
-    }
-    for r in &o.routes_removed {
-        log::info!("route to {r} removed (node gone)");
-    }
-}
-
-/// Serves `GET /healthz` on `addr`: 200 while the last successful reconcile is recent.
-fn serve_healthz(addr: SocketAddr, last_ok: Arc<AtomicU64>, max_age: Duration) -> Result<()> {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind(addr)
-        .map_err(|e| Error::io(format!("cannot listen on {addr} for /healthz"), e))?;
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let mut conn = conn;
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-            let mut buf = [0u8; 1024];
-            let n = conn.read(&mut buf).unwrap_or(0);
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let path_ok = req.starts_with("GET /healthz");
-            let age =
-                crate::ipam::store::unix_now().saturating_sub(last_ok.load(Ordering::Relaxed));
-            let healthy = last_ok.load(Ordering::Relaxed) > 0 && age <= max_age.as_secs();
-            let (code, body) = match (path_ok, healthy) {
-                (false, _) => ("404 Not Found", "not found\n".to_string()),
-                (true, true) => ("200 OK", "ok\n".to_string()),
-                (true, false) => (
-                    "503 Service Unavailable",
-                    format!("last successful reconcile {age} s ago\n"),
-                ),
-            };
-            let _ = write!(
-                conn,
-                "HTTP/1.1 {code}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    Ok(())
-}
-
 /// Runs the agent until SIGTERM/SIGINT (or once). Returns the exit code.
 pub fn run(opts: Options, mut source: Box<dyn NodeSource>) -> Result<i32> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
-            .map_err(|e| Error::io("cannot install the signal handler", e))?;
+    let (tx, rx) = std::sync::mpsc::channel::<Wake>();
+    {
+        let tx = tx.clone();
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+        ])
+        .map_err(|e| Error::io("cannot install the signal handler", e))?;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if signals.forever().next().is_some() {
+                    let _ = tx.send(Wake::Stop);
+                }
+            })
+            .map_err(|e| Error::io("cannot start the signal thread", e))?;
     }
-    let last_ok = Arc::new(AtomicU64::new(0));
-    if let Some(addr) = opts.healthz {
-        serve_healthz(
-            addr,
-            Arc::clone(&last_ok),
-            opts.interval * 3 + Duration::from_secs(30),
-        )?;
+    let shared = Arc::new(http::Shared::new(
+        opts.interval * 3 + Duration::from_secs(30),
+    ));
+    if let Some(addr) = opts.listen {
+        http::serve(addr, Arc::clone(&shared))?;
     }
     let self_bin = install::self_bytes()?;
-    let firewall_dirty = Arc::new(AtomicBool::new(false));
-    if let Err(e) = watch_firewall(Arc::clone(&firewall_dirty)) {
+    if let Err(e) = watch_firewall(tx.clone()) {
         log::warn!("{e}: the firewall state is checked every interval only");
     }
+    source.subscribe(tx);
     log::info!(
         "pontoon agent on node {} ({}), every {:?}",
         opts.node_name,
         source.describe(),
         opts.interval
     );
-    let mut failures = 0u32;
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    let mut last_nodes: Option<Vec<NodeInfo>> = None;
     loop {
         let started = Instant::now();
-        let result = source
-            .nodes()
-            .and_then(|nodes| reconcile(&opts, &nodes, &self_bin));
-        match result {
-            Ok(o) => {
-                failures = 0;
-                log_outcome(&o);
-                last_ok.store(crate::ipam::store::unix_now(), Ordering::Relaxed);
+        let mut problems = Vec::new();
+        let nodes = match source.nodes() {
+            Ok(n) => {
+                last_nodes = Some(n.clone());
+                Some(n)
             }
             Err(e) => {
-                failures += 1;
-                log::error!("reconcile failed ({failures} in a row): {e}");
-                if opts.once {
-                    return Err(e);
+                let also = if last_nodes.is_some() {
+                    " (working from the last node list)"
+                } else {
+                    ""
+                };
+                problems.push(Problem::new("nodes", "nodes", format!("{e}{also}")));
+                last_nodes.clone()
+            }
+        };
+        if let Some(nodes) = &nodes {
+            let pass = reconcile(&opts, nodes, &self_bin, &shared.metrics);
+            log_pass(&pass);
+            let m = shared.metrics.lock().unwrap();
+            m.routes.set(pass.routes.owned as i64);
+            if pass.healed {
+                m.firewall_heals.inc();
+            }
+            drop(m);
+            problems.extend(pass.problems);
+        }
+        // Each problem is logged when it appears or changes, and once more when it is gone.
+        let now: BTreeMap<String, String> = problems
+            .iter()
+            .map(|p| (p.item.clone(), p.msg.clone()))
+            .collect();
+        {
+            let m = shared.metrics.lock().unwrap();
+            for p in &problems {
+                if last.get(&p.item) != Some(&p.msg) {
+                    log::warn!("{}: {}", p.item, p.msg);
+                    m.reconcile_errors
+                        .get_or_create(&metrics::Kind {
+                            kind: p.kind.to_string(),
+                        })
+                        .inc();
                 }
             }
-        }
-        if opts.once {
-            return Ok(0);
-        }
-        // Sleep until the next round, a change reported by the source, or a signal.
-        let deadline = started + opts.interval;
-        while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-            if source.wait_change(Duration::from_millis(200))
-                || firewall_dirty.swap(false, Ordering::Relaxed)
-            {
-                break;
+            for item in last.keys().filter(|k| !now.contains_key(*k)) {
+                log::info!("{item}: resolved");
             }
+            m.reconcile_duration
+                .observe(started.elapsed().as_secs_f64());
+            m.ready.set(i64::from(problems.is_empty()));
+            m.last_reconcile.set(crate::ipam::store::unix_now() as i64);
         }
-        if stop.load(Ordering::Relaxed) {
+        *shared.problems.lock().unwrap() = Some(
+            problems
+                .iter()
+                .map(|p| format!("{}: {}", p.item, p.msg))
+                .collect(),
+        );
+        *shared.last_pass.lock().unwrap() = Some(Instant::now());
+        last = now;
+        if opts.once {
+            return if problems.is_empty() {
+                Ok(0)
+            } else {
+                Err(Error::NotAvailable(
+                    problems
+                        .iter()
+                        .map(|p| format!("{}: {}", p.item, p.msg))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ))
+            };
+        }
+        // Sleep until the interval is up or something happens; a burst of events is one wake.
+        let deadline = started + opts.interval;
+        let woke = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        let mut stop = woke == Ok(Wake::Stop) || woke == Err(RecvTimeoutError::Disconnected);
+        if woke.is_ok() && !stop {
+            std::thread::sleep(Duration::from_millis(50));
+            stop = rx.try_iter().any(|w| w == Wake::Stop);
+        }
+        if stop {
             log::info!("signal received: exiting, routes and rules stay in place");
             return Ok(0);
         }
@@ -410,11 +531,11 @@ mod tests {
         let want = desired_routes("a", &nodes);
         assert_eq!(want.len(), 3, "{want:?}");
         assert_eq!(
-            want[&"10.244.1.0/24".parse().unwrap()].to_string(),
+            want[&"10.244.1.0/24".parse().unwrap()].0.to_string(),
             "192.0.2.2"
         );
         assert_eq!(
-            want[&"fd00:0:0:1::/64".parse().unwrap()].to_string(),
+            want[&"fd00:0:0:1::/64".parse().unwrap()].0.to_string(),
             "2001:db8::2"
         );
         // Node c has no IPv6 address: no v6 route to it.

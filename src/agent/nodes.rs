@@ -3,11 +3,13 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::mpsc::Sender;
 use std::time::{Duration, SystemTime};
 
 use ipnetwork::IpNetwork;
 use serde_json::Value;
 
+use super::Wake;
 use crate::error::{Error, Result};
 
 /// What the agent needs to know of a node.
@@ -46,11 +48,8 @@ impl NodeInfo {
 pub trait NodeSource {
     /// The current nodes.
     fn nodes(&mut self) -> Result<Vec<NodeInfo>>;
-    /// Waits up to `timeout` for a change; `true` if one happened.
-    fn wait_change(&mut self, timeout: Duration) -> bool {
-        std::thread::sleep(timeout);
-        false
-    }
+    /// From now on, sends [`Wake::Nodes`] on `wake` whenever the nodes change.
+    fn subscribe(&mut self, wake: Sender<Wake>);
     fn describe(&self) -> String;
 }
 
@@ -95,9 +94,24 @@ impl NodeSource for StaticFile {
         parse_node_list(&v)
     }
 
-    fn wait_change(&mut self, timeout: Duration) -> bool {
-        std::thread::sleep(timeout);
-        self.modified() != self.mtime
+    fn subscribe(&mut self, wake: Sender<Wake>) {
+        // A stat a second: files have no change notification that survives renames simply.
+        let path = self.path.clone();
+        let mut seen = self.mtime;
+        let _ = std::thread::Builder::new()
+            .name("nodes-file".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let now = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+                    if now != seen {
+                        seen = now;
+                        if wake.send(Wake::Nodes).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
     }
 
     fn describe(&self) -> String {

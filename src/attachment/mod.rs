@@ -301,6 +301,9 @@ fn begin_locked(
     })
 }
 
+/// Addresses this process reclaimed from stale attachments (reported with the operation).
+pub static RECLAIMED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Picks one address per range set; a full pool first reclaims stale attachments.
 fn pick_reclaiming(
     pool: &Pool,
@@ -316,6 +319,7 @@ fn pick_reclaiming(
             }
             for (o, ips) in &reclaimed {
                 log::warn!("reclaimed {ips:?} of {o}: its pod is gone (stale attachment)");
+                RECLAIMED.fetch_add(ips.len(), std::sync::atomic::Ordering::Relaxed);
             }
             pool.pick(store, req.requested)
         }

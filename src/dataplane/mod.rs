@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ipnetwork::IpNetwork;
 use sha2::{Digest, Sha256};
 
-pub use netlink::{Link, Netlink, RouteSpec};
+pub use netlink::{Link, Netlink, RouteOp, RouteSpec};
 
 use crate::error::{Error, Result};
 use crate::netns::NetNs;

@@ -105,6 +105,16 @@ pub struct RouteSpec {
     pub advmss: Option<u32>,
 }
 
+/// What [`Netlink::route_batch`] does with one route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteOp {
+    /// Create it; fails if a route to the destination with that metric exists.
+    Add,
+    /// Create it or replace the route with the same destination, table and metric.
+    Replace,
+    Delete,
+}
+
 /// Options for a new veth pair.
 pub struct VethSpec<'a> {
     pub host_name: &'a str,
@@ -606,6 +616,84 @@ impl Netlink {
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
             Err(e) => Err(Error::netlink(format!("cannot delete route {}", r.dst), e)),
         }
+    }
+
+    /// Applies many route changes with few system calls: the requests go out in chunks (one
+    /// `send` each) and every one is acknowledged on its own. Returns one result per change,
+    /// in order.
+    pub fn route_batch(&mut self, ops: &[(RouteOp, RouteSpec)]) -> Vec<io::Result<()>> {
+        const CHUNK: usize = 256;
+        let mut out: Vec<io::Result<()>> = Vec::with_capacity(ops.len());
+        for chunk in ops.chunks(CHUNK) {
+            let first = self.seq.wrapping_add(1);
+            let mut buf = Vec::new();
+            for (op, r) in chunk {
+                self.seq = self.seq.wrapping_add(1);
+                let (msg, flags) = match op {
+                    RouteOp::Add => (
+                        RouteNetlinkMessage::NewRoute(Self::route_msg(r)),
+                        NLM_F_CREATE | NLM_F_EXCL,
+                    ),
+                    RouteOp::Replace => (
+                        RouteNetlinkMessage::NewRoute(Self::route_msg(r)),
+                        NLM_F_CREATE | netlink_packet_core::NLM_F_REPLACE,
+                    ),
+                    RouteOp::Delete => (RouteNetlinkMessage::DelRoute(Self::route_msg(r)), 0),
+                };
+                let mut header = NetlinkHeader::default();
+                header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+                header.sequence_number = self.seq;
+                let mut nl = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+                nl.finalize();
+                let start = buf.len();
+                buf.resize(start + nl.buffer_len(), 0);
+                nl.serialize(&mut buf[start..]);
+            }
+            let mut results: Vec<Option<io::Result<()>>> = (0..chunk.len()).map(|_| None).collect();
+            if let Err(e) = self.sock.send(&buf, 0) {
+                for r in &mut results {
+                    *r = Some(Err(io::Error::new(e.kind(), e.to_string())));
+                }
+            }
+            let mut pending = results.iter().filter(|r| r.is_none()).count();
+            while pending > 0 {
+                let n = match self.sock.recv(&mut &mut self.buf[..], 0) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        for r in results.iter_mut().filter(|r| r.is_none()) {
+                            *r = Some(Err(io::Error::new(e.kind(), e.to_string())));
+                        }
+                        break;
+                    }
+                };
+                let mut off = 0;
+                while off < n {
+                    let Ok(reply) =
+                        NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..n])
+                    else {
+                        break;
+                    };
+                    let len = reply.header.length as usize;
+                    if len == 0 {
+                        break;
+                    }
+                    off += (len + 3) & !3;
+                    let i = reply.header.sequence_number.wrapping_sub(first) as usize;
+                    if i >= results.len() || results[i].is_some() {
+                        continue;
+                    }
+                    if let NetlinkPayload::Error(e) = reply.payload {
+                        results[i] = Some(match e.code {
+                            None => Ok(()),
+                            Some(_) => Err(e.to_io()),
+                        });
+                        pending -= 1;
+                    }
+                }
+            }
+            out.extend(results.into_iter().map(|r| r.unwrap_or(Ok(()))));
+        }
+        out
     }
 
     /// Routes of one family in every table.

@@ -142,6 +142,9 @@ impl Store {
         )))?;
         lock_file(&dir.join("lock"), timeout)
             .map(|lock| {
+                if let Ok(dup) = lock.try_clone() {
+                    let _ = OPS.set(dup);
+                }
                 let store = Store {
                     dir,
                     own,
@@ -412,6 +415,15 @@ impl Store {
     }
 }
 
+impl Drop for Store {
+    fn drop(&mut self) {
+        // The descriptor kept for record_op shares this lock: release it explicitly.
+        if let Some(f) = &self._lock {
+            let _ = f.unlock();
+        }
+    }
+}
+
 /// Allocated addresses in a network directory, without taking the lock (STATUS reads only).
 pub fn list_allocated(dir: &Path) -> Result<Vec<IpAddr>> {
     let rd = match fs::read_dir(dir) {
@@ -431,15 +443,39 @@ pub fn lock_file(path: &Path, timeout: Duration) -> Result<File> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
     }
-    let f = OpenOptions::new()
+    lock_with_timeout(open_lock(path)?, timeout, path)
+}
+
+/// Opens a lock file for appending (see [`record_op`]); its content is never read by the lock.
+fn open_lock(path: &Path) -> Result<File> {
+    OpenOptions::new()
         .read(true)
-        .write(true)
+        .append(true)
         .create(true)
-        .truncate(false)
         .mode(0o600)
         .open(path)
-        .map_err(io_err(format!("cannot open {}", path.display())))?;
-    lock_with_timeout(f, timeout, path)
+        .map_err(io_err(format!("cannot open {}", path.display())))
+}
+
+/// A second descriptor of the first pool lock file this process opened, kept for
+/// [`record_op`]. (A flock belongs to the open file description, so a [`Store`] unlocks
+/// explicitly when dropped.)
+static OPS: std::sync::OnceLock<File> = std::sync::OnceLock::new();
+
+/// Appends one line about this CNI invocation to its network's pool lock file (the agent's
+/// metrics read it): one `write` with `O_APPEND` on a descriptor the invocation holds anyway,
+/// no open, no lock. Nothing happens when the invocation opened no pool.
+pub fn record_op(line: &str) {
+    if let Some(mut f) = OPS.get() {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
+/// Empties a pool lock file's operation lines (the agent, holding the lock).
+pub fn truncate_ops(store: &Store) {
+    if let Some(f) = &store._lock {
+        let _ = f.set_len(0);
+    }
 }
 
 /// Takes the flock, waiting in the kernel (no polling) at most `timeout`. The uncontended case
@@ -455,7 +491,7 @@ fn lock_with_timeout(f: File, timeout: Duration, path: &Path) -> Result<File> {
         }
     }
     // flock locks belong to the open file description: the helper needs its own.
-    let mine = File::open(path).map_err(io_err(format!("cannot open {}", path.display())))?;
+    let mine = open_lock(path)?;
     drop(f);
     let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<File>>(1);
     std::thread::Builder::new()

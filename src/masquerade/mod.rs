@@ -100,18 +100,65 @@ fn canonical(n: IpNetwork) -> IpNetwork {
 }
 
 /// Drops CIDRs contained in another, so the sets hold no overlapping intervals.
-fn merge(mut v: Vec<IpNetwork>) -> Vec<IpNetwork> {
-    v.sort_by_key(|n| (n.is_ipv6(), n.prefix()));
-    let mut out: Vec<IpNetwork> = Vec::new();
-    for n in v {
-        if !out.iter().any(|o| {
-            o.is_ipv4() == n.is_ipv4() && o.prefix() <= n.prefix() && o.contains(n.network())
-        }) {
-            out.push(n);
+fn merge(v: Vec<IpNetwork>) -> Vec<IpNetwork> {
+    aggregate(v)
+}
+
+/// The smallest list of CIDRs covering exactly the same addresses: canonical, CIDRs inside
+/// another dropped, adjacent halves joined (10.244.0.0/24 + 10.244.1.0/24 = 10.244.0.0/23),
+/// sorted. The pod CIDRs of 5,000 nodes inside one cluster range become a handful.
+pub fn aggregate(v: Vec<IpNetwork>) -> Vec<IpNetwork> {
+    use ipam::range::{from_u128, to_u128};
+    // (is_v6, network as u128, prefix)
+    let bits = |v6: bool| if v6 { 128u8 } else { 32u8 };
+    let mut xs: Vec<(bool, u128, u8)> = v
+        .into_iter()
+        .map(|n| (n.is_ipv6(), to_u128(n.network()), n.prefix()))
+        .collect();
+    loop {
+        xs.sort();
+        xs.dedup();
+        // Drop CIDRs inside the one kept before them (sorted: a container comes first).
+        let mut kept: Vec<(bool, u128, u8)> = Vec::with_capacity(xs.len());
+        for x in xs {
+            if let Some(&(f, net, p)) = kept.last() {
+                let span = bits(f) - p;
+                let inside =
+                    f == x.0 && p <= x.2 && (span >= 128 || (x.1 >> span) == (net >> span));
+                if inside {
+                    continue;
+                }
+            }
+            kept.push(x);
+        }
+        // Join sibling halves into their parent.
+        let mut joined = Vec::with_capacity(kept.len());
+        let mut changed = false;
+        let mut i = 0;
+        while i < kept.len() {
+            let (f, net, p) = kept[i];
+            if p > 0 && i + 1 < kept.len() {
+                let (g, net2, q) = kept[i + 1];
+                let half = 1u128 << (bits(f) - p);
+                let parent_aligned = (net >> (bits(f) - p + 1)) << (bits(f) - p + 1) == net;
+                if g == f && q == p && parent_aligned && net2 == net + half {
+                    joined.push((f, net, p - 1));
+                    changed = true;
+                    i += 2;
+                    continue;
+                }
+            }
+            joined.push(kept[i]);
+            i += 1;
+        }
+        xs = joined;
+        if !changed {
+            break;
         }
     }
-    out.sort_by_key(|n| (n.is_ipv6(), ipam::range::to_u128(n.network()), n.prefix()));
-    out
+    xs.into_iter()
+        .map(|(v6, net, p)| IpNetwork::new(from_u128(net, !v6), p).expect("a valid prefix"))
+        .collect()
 }
 
 /// A masquerade backend.
@@ -258,6 +305,30 @@ mod tests {
         let (_, x6) = rs.family(false);
         assert!(x6.contains(&n("ff00::/8")));
         assert_eq!(rs.network_hash().len(), 12);
+    }
+
+    #[test]
+    fn aggregation_joins_halves_and_drops_contained() {
+        let many: Vec<IpNetwork> = (0..256).map(|i| n(&format!("10.244.{i}.0/24"))).collect();
+        assert_eq!(aggregate(many), vec![n("10.244.0.0/16")]);
+        assert_eq!(
+            aggregate(vec![
+                n("10.0.0.0/8"),
+                n("10.1.2.0/24"),
+                n("fd00::/64"),
+                n("fd00::1/128")
+            ]),
+            vec![n("10.0.0.0/8"), n("fd00::/64")]
+        );
+        // Not siblings (10.0.1.0/24 + 10.0.2.0/24 are not two halves of one /23).
+        assert_eq!(
+            aggregate(vec![n("10.0.2.0/24"), n("10.0.1.0/24")]),
+            vec![n("10.0.1.0/24"), n("10.0.2.0/24")]
+        );
+        assert_eq!(
+            aggregate(vec![n("0.0.0.0/1"), n("128.0.0.0/1")]),
+            vec![n("0.0.0.0/0")]
+        );
     }
 
     #[test]

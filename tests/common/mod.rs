@@ -3,6 +3,8 @@
 //! Nothing here touches the machine's own network namespace.
 #![allow(dead_code)]
 
+pub mod standin;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -563,5 +565,32 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
         })
         .join()
         .unwrap()
+    })
+}
+
+/// GET `path` from `127.0.0.1:port` inside namespace `ns`: (status code, body).
+pub fn http_get(ns: &str, port: u16, path: &str) -> (u16, String) {
+    in_netns(ns, || {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return (0, String::new());
+        };
+        let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+        let _ = write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        );
+        let mut r = String::new();
+        let _ = s.read_to_string(&mut r);
+        let code = r
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = r
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
     })
 }
