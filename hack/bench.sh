@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ADD/DEL latency and throughput: pontoon vs the Go reference (bridge + host-local from
+# ADD/DEL latency and throughput, and the agent at cluster scale: pontoon vs the Go reference (bridge + host-local from
 # Debian's containernetworking-plugins) vs the kernel floor (ip -batch), interleaved, in
 # throwaway namespaces. Prints a table with ratios and writes JSON (default target/bench-cni.json).
 #   bash hack/bench.sh            # full run (a few minutes)
@@ -12,3 +12,5 @@ bash hack/install-deps.sh
 PONTOON_BIN=$(bash hack/build-static.sh)
 export PONTOON_BIN
 cargo bench -q --bench cni -- "$@"
+# The node agent with 5,000 Nodes in the stand-in API server (500 with --quick).
+cargo bench -q --bench agent_scale -- "$@"

@@ -23,7 +23,10 @@ else
 fi
 
 echo "== benchmark smoke run (the full one is hack/bench.sh)"
-PONTOON_BIN=$(bash hack/build-static.sh) cargo bench -q --bench cni -- --quick --out target/bench-smoke.json
+PONTOON_BIN=$(bash hack/build-static.sh)
+export PONTOON_BIN
+cargo bench -q --bench cni -- --quick --out target/bench-smoke.json
+cargo bench -q --bench agent_scale -- --quick
 
 echo "== containerd CRI end-to-end tier"
 bash hack/e2e-containerd.sh

@@ -303,7 +303,13 @@ fn the_manifest_is_a_valid_daemonset_with_what_it_needs_and_no_more() {
         .map(|e| e.name.as_str())
         .collect();
     assert!(env.contains(&"NODE_NAME") && env.contains(&"NO_MASQUERADE_CIDRS"));
-    assert!(c.liveness_probe.as_ref().unwrap().http_get.is_some());
+    let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.clone())
+    };
+    assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/healthz"));
+    assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/readyz"));
     let host_paths: Vec<String> = pod
         .volumes
         .unwrap()
@@ -326,13 +332,8 @@ fn the_manifest_is_a_valid_daemonset_with_what_it_needs_and_no_more() {
         .output()
         .unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
-    for var in [
-        "NODE_NAME",
-        "CNI_BIN_DIR",
-        "CNI_CONF_DIR",
-        "NO_MASQUERADE_CIDRS",
-        "PONTOON_HEALTHZ",
-    ] {
+    // Every variable the manifest sets is one the agent reads.
+    for var in &env {
         assert!(help.contains(var), "the agent does not read {var}");
     }
 }
