@@ -192,6 +192,15 @@ enum Cmd {
         #[arg(long)]
         node_json: Option<PathBuf>,
     },
+    /// Remove pontoon from this node: the conflist, and once no pod is attached (or with
+    /// --force) the routes, firewall state, IPAM state, the empty bridge and the binaries.
+    Uninstall {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Also when pods are still attached (they lose their network's state).
+        #[arg(long)]
+        force: bool,
+    },
     /// The node agent: keeps the install, the masquerade rules and the routes to other nodes'
     /// pod CIDRs in place until SIGTERM.
     Agent {
@@ -447,6 +456,12 @@ fn run_operator(cli: Cli) -> Result<i32> {
                 said(ch.conflist)
             );
             println!("masquerade: {}", said(masq));
+            Ok(0)
+        }
+        Cmd::Uninstall { node, force } => {
+            for line in crate::install::uninstall(&node.spec(), force)? {
+                println!("{line}");
+            }
             Ok(0)
         }
         Cmd::Agent {

@@ -184,6 +184,106 @@ pub fn install(spec: &Spec, self_bytes: &[u8]) -> Result<Changes> {
     Ok(ch)
 }
 
+/// Whether the file is a conflist pontoon wrote (a plugin of type `pontoon`).
+fn is_pontoon_conflist(path: &Path) -> bool {
+    fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|v| v["plugins"].as_array().cloned())
+        .is_some_and(|p| p.iter().any(|x| x["type"] == "pontoon"))
+}
+
+/// Removes what pontoon put on this node: the conflist (first: no new pod gets pontoon), and,
+/// once no pod is attached (or with `force`), the routes to other nodes (protocol 201),
+/// pontoon's firewall state (table `inet pontoon`, the iptables chains of the network), the
+/// IPAM state of the network, the bridge if it has no port left, and the binaries (pontoon, and
+/// `loopback` when it is pontoon). While pods are attached, the rest stays so that they keep
+/// working and their DEL still finds the plugin. Returns what it did, one line each.
+pub fn uninstall(spec: &Spec, force: bool) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    let conflist = spec.conf_dir.join(&spec.conf_name);
+    if is_pontoon_conflist(&conflist) {
+        fs::remove_file(&conflist)
+            .map_err(|e| Error::io(format!("cannot remove {}", conflist.display()), e))?;
+        done.push(format!("removed {}", conflist.display()));
+    }
+    let data_dir = spec
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(crate::ipam::DEFAULT_DATA_DIR));
+    let store = crate::ipam::Store::unlocked(&data_dir, &spec.network);
+    let alive = crate::attachment::link_probe();
+    let attached: Vec<String> = store
+        .records()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(o, r)| match r {
+            crate::ipam::store::Stored::Ok(r) if r.host_veth.as_deref().is_some_and(&alive) => {
+                Some(o.to_string())
+            }
+            _ => None,
+        })
+        .collect();
+    if !attached.is_empty() && !force {
+        done.push(format!(
+            "{} pod(s) still attached ({}): the binaries, routes, firewall and IPAM state stay \
+             so they keep working; delete them and run again, or use --force",
+            attached.len(),
+            attached.join(", ")
+        ));
+        return Ok(done);
+    }
+    let mut nl = crate::dataplane::Netlink::new()?;
+    let mut routes = 0;
+    for v4 in [true, false] {
+        for r in nl.routes(v4)? {
+            if r.protocol == Some(crate::agent::RTPROT_PONTOON) && r.table == Some(254) {
+                nl.del_route(&r)?;
+                routes += 1;
+            }
+        }
+    }
+    done.push(format!("removed {routes} route(s) of protocol 201"));
+    let mut conn = crate::nft::Conn::new()?;
+    if conn.has_table(crate::nft::NFPROTO_INET, crate::masquerade::nftables::TABLE)? {
+        let mut b = crate::nft::Batch::new();
+        b.del_table(crate::nft::NFPROTO_INET, crate::masquerade::nftables::TABLE);
+        conn.commit(&b)?;
+        done.push("removed nftables table inet pontoon".into());
+    }
+    drop(conn);
+    if crate::masquerade::find_binary("iptables-restore").is_some() {
+        use crate::masquerade::Backend;
+        crate::masquerade::iptables::Iptables.remove(&spec.network)?;
+    }
+    let pool_dir = crate::ipam::Store::network_dir(&data_dir, &spec.network);
+    if pool_dir.exists() {
+        fs::remove_dir_all(&pool_dir)
+            .map_err(|e| Error::io(format!("cannot remove {}", pool_dir.display()), e))?;
+        done.push(format!("removed the IPAM state {}", pool_dir.display()));
+    }
+    if let Some(br) = nl.link_by_name(&spec.bridge)?
+        && br.kind.as_deref() == Some("bridge")
+        && !nl.links()?.iter().any(|l| l.master == Some(br.index))
+    {
+        nl.del_link_by_index(br.index)?;
+        done.push(format!("removed bridge {}", spec.bridge));
+    }
+    let lo = spec.bin_dir.join("loopback");
+    if lo.exists() && is_older_pontoon(&lo) {
+        fs::remove_file(&lo)
+            .map_err(|e| Error::io(format!("cannot remove {}", lo.display()), e))?;
+        done.push(format!("removed {}", lo.display()));
+    }
+    let bin = spec.bin_dir.join("pontoon");
+    if bin.exists() {
+        fs::remove_file(&bin)
+            .map_err(|e| Error::io(format!("cannot remove {}", bin.display()), e))?;
+        done.push(format!("removed {}", bin.display()));
+    }
+    Ok(done)
+}
+
 /// A `loopback` that is an earlier pontoon (it carries pontoon's about string).
 fn is_older_pontoon(p: &Path) -> bool {
     fs::read(p)

@@ -288,11 +288,26 @@ fn the_manifest_is_a_valid_daemonset_with_what_it_needs_and_no_more() {
     let c = &pod.containers[0];
     let sc = c.security_context.as_ref().unwrap();
     assert_eq!(sc.privileged, Some(false));
-    let caps = sc.capabilities.as_ref().unwrap().add.clone().unwrap();
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.clone().unwrap(), ["ALL"]);
     assert_eq!(
-        caps,
-        ["NET_ADMIN", "NET_RAW"],
-        "only the capabilities it needs"
+        caps.add.clone().unwrap(),
+        ["NET_ADMIN"],
+        "only the capabilities it needs (the containerd tier shows NET_ADMIN is needed)"
+    );
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(
+        sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    // The tag is the crate version, never `latest`.
+    assert_eq!(
+        c.image.as_deref(),
+        Some(concat!(
+            "ghcr.io/pontoon-cni/pontoon:",
+            env!("CARGO_PKG_VERSION")
+        ))
     );
     assert!(c.resources.as_ref().unwrap().requests.is_some());
     let env: Vec<&str> = c
@@ -316,14 +331,11 @@ fn the_manifest_is_a_valid_daemonset_with_what_it_needs_and_no_more() {
         .iter()
         .filter_map(|v| v.host_path.as_ref().map(|h| h.path.clone()))
         .collect();
-    for p in [
-        "/opt/cni/bin",
-        "/etc/cni/net.d",
-        "/var/lib/cni",
-        "/run/xtables.lock",
-    ] {
-        assert!(host_paths.iter().any(|h| h == p), "missing hostPath {p}");
-    }
+    let mut want = vec!["/etc/cni/net.d", "/opt/cni/bin", "/var/lib/cni"];
+    let mut have: Vec<&str> = host_paths.iter().map(String::as_str).collect();
+    have.sort();
+    want.sort();
+    assert_eq!(have, want, "exactly the hostPaths it uses");
     // The agent's flags exist: the command line the manifest runs parses.
     let cmd = c.command.clone().unwrap();
     assert_eq!(cmd, ["/pontoon", "agent"]);

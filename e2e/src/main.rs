@@ -19,10 +19,16 @@ use k8s_cri::v1::{
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
+mod daemonset;
+mod kubelet;
+#[allow(dead_code)]
+#[path = "../../tests/common/standin.rs"]
+mod standin;
+
 const IMAGE: &str = "pontoon.e2e/sandbox:1";
 const NET: &str = "e2e";
 
-type Cri = RuntimeServiceClient<Channel>;
+pub type Cri = RuntimeServiceClient<Channel>;
 
 fn sh(args: &[&str]) -> std::process::Output {
     Command::new(args[0])
@@ -148,8 +154,8 @@ state = "{w}/state"
   restrict_oom_score_adj = true
   disable_apparmor = true
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{w}/cni/bin"
-    conf_dir = "{w}/cni/net.d"
+    bin_dir = "{w}/node/opt/cni/bin"
+    conf_dir = "{w}/node/etc/cni/net.d"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "native"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
@@ -186,10 +192,14 @@ fn holder_script(work: &Path) -> String {
         ));
     }
     // containerd also pins sandbox netns as files in /run/netns: keep those private too.
-    s.push_str("mkdir -p /run/containerd /var/lib/cni /run/netns\n");
-    s.push_str(
-        "mount -t tmpfs tmpfs /run/containerd\nmount -t tmpfs tmpfs /var/lib/cni\nmount -t tmpfs tmpfs /run/netns\n",
-    );
+    // Private /var/lib and /run (tmpfs), with the paths containerd 1.6 uses whatever its
+    // root/state say, so no mount point is made on the machine; /var/lib/cni is the node's own
+    // (the DaemonSet mounts the same directory).
+    s.push_str(&format!(
+        "mount -t tmpfs tmpfs /var/lib\nmkdir -p /var/lib/cni\nmount --bind {}/node/var/lib/cni /var/lib/cni\n\
+         mount -t tmpfs tmpfs /run\nmkdir -p /run/containerd /run/netns\n",
+        work.display()
+    ));
     s.push_str(&format!(
         "echo ready > {}/holder.ready\nexec sleep 100000\n",
         work.display()
@@ -319,7 +329,7 @@ fn build_image(work: &Path) -> PathBuf {
 
 /// Writes a conflist in place (temp file + rename inside conf_dir, which containerd notices).
 fn write_conflist(work: &Path, plugin: Value) {
-    let dir = work.join("cni/net.d");
+    let dir = work.join("node/etc/cni/net.d");
     let list = json!({"cniVersion": "1.0.0", "cniVersions": ["0.4.0", "1.0.0", "1.1.0"], "name": NET, "plugins": [plugin]});
     let tmp = dir.join(".10-e2e.conflist.tmp");
     std::fs::write(&tmp, list.to_string()).unwrap();
@@ -473,7 +483,11 @@ fn node_veths_where(node: &str, in_service: bool) -> usize {
         .lines()
         .filter(|l| l.contains(": pon"))
         .filter(|l| {
-            let flags = l.split('<').nth(1).and_then(|r| r.split('>').next()).unwrap_or("");
+            let flags = l
+                .split('<')
+                .nth(1)
+                .and_then(|r| r.split('>').next())
+                .unwrap_or("");
             !in_service || flags.split(',').any(|f| f == "UP") || l.contains(" master ")
         })
         .count()
@@ -526,7 +540,13 @@ async fn main() {
     let id = std::process::id();
     let work = PathBuf::from(format!("/tmp/pontoon-e2e-{id}"));
     let _ = std::fs::remove_dir_all(&work);
-    for d in ["cni/bin", "cni/net.d", "root", "state"] {
+    for d in [
+        "node/opt/cni/bin",
+        "node/etc/cni/net.d",
+        "node/var/lib/cni",
+        "root",
+        "state",
+    ] {
         std::fs::create_dir_all(work.join(d)).unwrap();
     }
     let mut world = World {
@@ -557,10 +577,14 @@ async fn run(world: &mut World, r: &mut Report, pontoon: &Path) -> Result<(), St
     let work = world.work.clone();
     let node = world.node.clone();
     let outside = world.outside.clone();
-    // CNI binaries: pontoon, the loopback plugin containerd 1.x requires, and the Go reference.
-    std::fs::copy(pontoon, work.join("cni/bin/pontoon")).unwrap();
-    for p in ["loopback", "bridge", "host-local"] {
-        std::fs::copy(format!("/usr/lib/cni/{p}"), work.join("cni/bin").join(p)).map_err(|e| {
+    // The Go reference plugins, for the comparisons; pontoon and loopback come from the
+    // DaemonSet's agent (and are put back by hand after its uninstall).
+    for p in ["bridge", "host-local"] {
+        std::fs::copy(
+            format!("/usr/lib/cni/{p}"),
+            work.join("node/opt/cni/bin").join(p),
+        )
+        .map_err(|e| {
             format!("/usr/lib/cni/{p}: {e} (apt-get install containernetworking-plugins)")
         })?;
     }
@@ -614,20 +638,45 @@ async fn run(world: &mut World, r: &mut Report, pontoon: &Path) -> Result<(), St
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    write_conflist(&work, pontoon_plugin(&work, "10.244.1.0/24"));
     start_containerd(world);
     let sock = work.join("containerd.sock");
-    sh_ok(&[
-        "ctr",
-        "-a",
-        sock.to_str().unwrap(),
-        "-n",
-        "k8s.io",
-        "images",
-        "import",
-        image.to_str().unwrap(),
-    ]);
+    let mut images = vec![image.clone()];
+    images.extend(
+        ["PONTOON_IMAGE_TAR", "PONTOON_IMAGE_NEXT_TAR"]
+            .iter()
+            .filter_map(std::env::var_os)
+            .map(PathBuf::from),
+    );
+    for tar in &images {
+        sh_ok(&[
+            "ctr",
+            "-a",
+            sock.to_str().unwrap(),
+            "-n",
+            "k8s.io",
+            "images",
+            "import",
+            tar.to_str().unwrap(),
+        ]);
+    }
     let mut cri = connect(&sock).await;
+
+    // The DaemonSet as kubelet runs it, on this empty node.
+    if images.len() == 3 {
+        daemonset::steps(world, r, &mut cri, &sock).await?;
+    } else {
+        println!(
+            "NOTE PONTOON_IMAGE_TAR/PONTOON_IMAGE_NEXT_TAR unset: the DaemonSet steps are skipped (hack/e2e-containerd.sh sets them)"
+        );
+    }
+    // The steps below bring their own conflists and this pontoon.
+    std::fs::copy(pontoon, work.join("node/opt/cni/bin/pontoon")).unwrap();
+    std::fs::copy(
+        "/usr/lib/cni/loopback",
+        work.join("node/opt/cni/bin/loopback"),
+    )
+    .unwrap();
+    write_conflist(&work, pontoon_plugin(&work, "10.244.1.0/24"));
 
     let v = cri
         .version(VersionRequest {
@@ -776,7 +825,10 @@ async fn run(world: &mut World, r: &mut Report, pontoon: &Path) -> Result<(), St
         for i in 0..5 {
             let (p, d) = run_pod(&mut cri, &format!("lat-{block}-{i}")).await?;
             if !p.ip.starts_with(prefix) {
-                return Err(format!("the conflist switch was not picked up (pod got {:?})", p.ip));
+                return Err(format!(
+                    "the conflist switch was not picked up (pod got {:?})",
+                    p.ip
+                ));
             }
             let s = remove_pod(&mut cri, &p.id).await?;
             let (run, stop) = if reference {
@@ -846,9 +898,9 @@ async fn run(world: &mut World, r: &mut Report, pontoon: &Path) -> Result<(), St
         plugin["cniVersion"] = json!("1.1.0");
         let out = Command::new("ip")
             .args(["netns", "exec", &node])
-            .arg(work.join("cni/bin/pontoon"))
+            .arg(work.join("node/opt/cni/bin/pontoon"))
             .env("CNI_COMMAND", "STATUS")
-            .env("CNI_PATH", work.join("cni/bin"))
+            .env("CNI_PATH", work.join("node/opt/cni/bin"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

@@ -17,7 +17,15 @@ pub struct StandIn {
 }
 
 fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/standin/apiserver.py")
+    // From the main crate's tests and benches, and from the e2e crate beside it.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    [
+        root.join("tests/standin/apiserver.py"),
+        root.join("../tests/standin/apiserver.py"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("tests/standin/apiserver.py")
 }
 
 impl StandIn {
