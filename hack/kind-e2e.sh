@@ -8,14 +8,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cluster=${CLUSTER:-pontoon}
-image=ghcr.io/pontoon-cni/pontoon:latest
 for t in docker kind kubectl; do command -v "$t" >/dev/null || { echo "$t is required" >&2; exit 1; }; done
-cleanup() { [ "${KEEP:-}" = 1 ] || kind delete cluster --name "$cluster"; }
+archive=$(mktemp --suffix=.tar)
+cleanup() { rm -f "$archive"; [ "${KEEP:-}" = 1 ] || kind delete cluster --name "$cluster"; }
 trap cleanup EXIT
 
-bash hack/build-image.sh "$image"
+# The same image build as the containerd tier's; its tag is the manifest's.
+image=$(bash hack/build-image.sh --save "$archive")
 kind create cluster --name "$cluster" --config deploy/kind-config.yaml --wait 0s
-kind load docker-image --name "$cluster" "$image"
+kind load image-archive --name "$cluster" "$archive"
 kubectl apply -f deploy/pontoon.yaml
 kubectl -n kube-system rollout status ds/pontoon --timeout=180s
 kubectl wait --for=condition=Ready nodes --all --timeout=180s
