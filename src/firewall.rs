@@ -11,6 +11,7 @@ use crate::cni::NetConf;
 use crate::error::{Error, Result};
 use crate::ipam::store::{Store, Stored};
 use crate::ipam::{self, Pool};
+use crate::macspoof;
 use crate::masquerade::nftables::{self as masq_nft, TABLE};
 use crate::masquerade::{self, Backend, RuleSet};
 use crate::nft::{self, Batch, Chain, Conn, NFPROTO_INET};
@@ -29,6 +30,8 @@ pub struct Network<'a> {
     pub network: String,
     pub masq: Option<Masq>,
     pub hostports: Option<HostPorts<'a>>,
+    /// `macspoofchk`: the records' MAC spoof checks belong to the state.
+    pub macspoof: bool,
     /// The pool whose records hold the hostPort mappings.
     pub pool: Option<Pool>,
 }
@@ -73,13 +76,14 @@ impl<'a> Network<'a> {
             network: conf.name.clone(),
             masq,
             hostports,
+            macspoof: conf.raw.macspoofchk && pool.is_some(),
             pool,
         })
     }
 
     /// Whether the network has any firewall state (an ADD of a network with none pays nothing).
     pub fn is_empty(&self) -> bool {
-        self.masq.is_none() && self.hostports.is_none()
+        self.masq.is_none() && self.hostports.is_none() && !self.macspoof
     }
 
     /// The chains of pontoon's table this network needs.
@@ -147,7 +151,7 @@ impl<'a> Network<'a> {
     pub fn heal(&self) -> Result<()> {
         let mut conn = Conn::new()?;
         match &self.pool {
-            Some(p) if self.hostports.is_some() => {
+            Some(p) if self.hostports.is_some() || self.macspoof => {
                 let store = p.open()?;
                 self.heal_locked(&store, &mut conn)?;
             }
@@ -173,6 +177,11 @@ impl<'a> Network<'a> {
         }
         if let Some(hp) = &self.hostports {
             hp.install(&mut b, &recorded_mappings(store)?);
+        }
+        if self.macspoof {
+            for (veth, mac) in recorded_spoof_checks(store)? {
+                macspoof::add(&mut b, &veth, &mac);
+            }
         }
         conn.commit(&b)?;
         if let Some(hp) = &self.hostports {
@@ -220,6 +229,18 @@ impl<'a> Network<'a> {
             let store = Store::unlocked(&p.data_dir, &p.network);
             bad = !hp.elements_match(&mut conn, &recorded_mappings(&store)?)?;
         }
+        if !bad
+            && self.macspoof
+            && let Some(p) = &self.pool
+        {
+            let store = Store::unlocked(&p.data_dir, &p.network);
+            for (veth, mac) in recorded_spoof_checks(&store)? {
+                if !macspoof::is_current(&mut conn, &veth, &mac)? {
+                    bad = true;
+                    break;
+                }
+            }
+        }
         if let Some(Masq::Other(b, rs)) = &self.masq {
             bad |= !b.is_current(rs)?;
         }
@@ -233,6 +254,21 @@ impl<'a> Network<'a> {
         }
         Ok(bad)
     }
+}
+
+/// Every MAC spoof check the network's records hold: (host veth, the pod's MAC).
+pub fn recorded_spoof_checks(store: &Store) -> Result<Vec<(String, [u8; 6])>> {
+    Ok(store
+        .records()?
+        .into_iter()
+        .filter_map(|(_, r)| match r {
+            Stored::Ok(r) => {
+                let mac = r.port?.mac_spoof_check?;
+                Some((r.host_veth?, crate::cni::config::parse_mac(&mac)?))
+            }
+            _ => None,
+        })
+        .collect())
 }
 
 /// Every hostPort mapping the network's records hold.

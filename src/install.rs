@@ -97,8 +97,13 @@ pub fn conflist(spec: &Spec) -> Value {
     if let Some(m) = spec.mtu {
         plugin["mtu"] = json!(m);
     }
+    // Every capability pontoon handles: `bandwidth` (kubelet's ingress/egress-bandwidth pod
+    // annotations), `ips` and `mac` (static addresses and MACs: Podman, Multus), and
+    // `portMappings` unless another plugin does hostPorts. Declaring `ips` also keeps Podman
+    // from replacing the whole object with `{"ips": true}` for `--ip` (and dropping the rest).
+    plugin["capabilities"] = json!({"bandwidth": true, "ips": true, "mac": true});
     if spec.port_mappings {
-        plugin["capabilities"] = json!({"portMappings": true});
+        plugin["capabilities"]["portMappings"] = json!(true);
     }
     json!({
         "cniVersion": "1.0.0",

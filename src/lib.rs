@@ -12,6 +12,7 @@ pub mod install;
 pub mod ipam;
 pub mod logging;
 pub mod loopback;
+pub mod macspoof;
 pub mod masquerade;
 pub mod netns;
 pub mod nft;

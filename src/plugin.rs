@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::attachment;
 use crate::cni::result::{Interface, IpConfig, Route};
 use crate::cni::{self, CniResult, Command, Env, NetConf, Version};
-use crate::dataplane::{self, BridgeSpec, Netlink, PodSpec, RouteSpec};
+use crate::dataplane::{self, BridgeSpec, Netlink, PodSpec, PortSpec, RouteSpec};
 use crate::error::{Error, ErrorList, Result};
 use crate::firewall;
 use crate::ipam::{self, Owner, Pool};
@@ -122,17 +122,33 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
         let addrs: Vec<IpNetwork> = addressing.ips.iter().map(|(n, _)| *n).collect();
         let fw = firewall::Network::of(conf, &addrs)?;
         // 2. Bridge, firewall state, veth pair, pod interface.
-        let (result, ifindex) = attach(env, conf, &mut nl, &netns, mac, &addressing, &fw)?;
-        // 3. The record is complete: hostPort mappings in, lease dropped.
-        if let Ipam::Pool(pool) = &ipam {
-            attachment::complete(pool, &owner(env), &fw, ifindex)?;
+        let (result, ifindex, port) = attach(env, conf, &mut nl, &netns, mac, &addressing, &fw)?;
+        // 3. The record is complete: hostPort mappings and the MAC spoof check in, lease
+        //    dropped. Without a pool there is no record: the check is keyed by the veth name.
+        match &ipam {
+            Ipam::Pool(pool) => attachment::complete(pool, &owner(env), &fw, ifindex, Some(port))?,
+            _ => {
+                if let Some(mac) = port
+                    .mac_spoof_check
+                    .as_deref()
+                    .and_then(cni::config::parse_mac)
+                {
+                    let mut b = crate::nft::Batch::new();
+                    crate::macspoof::add(
+                        &mut b,
+                        &dataplane::host_veth_name(&env.container_id, &env.ifname),
+                        &mac,
+                    );
+                    crate::nft::Conn::new()?.commit(&b)?;
+                }
+            }
         }
         Ok(result)
     })();
     match attached {
         Ok(result) => Ok(result.to_json(conf.version)),
         Err(e) => {
-            if let Err(cleanup) = release(&ipam, env, stdin, &mut nl) {
+            if let Err(cleanup) = release(&ipam, conf, env, stdin, &mut nl) {
                 log::error!("ADD failed and its cleanup failed too: {cleanup}");
             }
             Err(e)
@@ -196,16 +212,22 @@ fn allocate(
 /// release of [`attachment::release`]); otherwise the veth by its name and the delegated IPAM's
 /// addresses. A veth pontoon did not make (no record of one, e.g. the reference bridge
 /// plugin's) is looked for inside the pod.
-fn release(ipam: &Ipam, env: &Env, stdin: &[u8], nl: &mut Netlink) -> Result<()> {
+fn release(ipam: &Ipam, conf: &NetConf, env: &Env, stdin: &[u8], nl: &mut Netlink) -> Result<()> {
     let mut errs = ErrorList::default();
+    let host_name = dataplane::host_veth_name(&env.container_id, &env.ifname);
     let found_veth = match ipam {
         Ipam::Pool(pool) => errs
             .check(attachment::release(pool, &owner(env)))
             .map(|r| r.veth),
-        _ => errs.check(dataplane::detach(
-            nl,
-            &dataplane::host_veth_name(&env.container_id, &env.ifname),
-        )),
+        _ => {
+            if conf.raw.macspoofchk {
+                errs.check(
+                    crate::nft::Conn::new()
+                        .and_then(|mut c| crate::macspoof::remove(&mut c, &host_name)),
+                );
+            }
+            errs.check(dataplane::detach(nl, &host_name))
+        }
     };
     if found_veth == Some(false)
         && let Some(path) = &env.netns
@@ -259,7 +281,7 @@ fn attach(
     mac: Option<[u8; 6]>,
     a: &Addressing,
     fw: &firewall::Network,
-) -> Result<(CniResult, u32)> {
+) -> Result<(CniResult, u32, attachment::Port)> {
     let gateways: Vec<IpNetwork> = if conf.is_gateway() {
         a.ips
             .iter()
@@ -268,6 +290,8 @@ fn attach(
     } else {
         vec![]
     };
+    let trunk = conf.vlan_trunk()?;
+    let vlan = conf.raw.vlan;
     let bridge = dataplane::ensure_bridge(
         nl,
         &BridgeSpec {
@@ -276,6 +300,8 @@ fn attach(
             promisc: conf.raw.promisc_mode,
             gateways,
             force_address: conf.raw.force_address,
+            vlan_filtering: vlan != 0 || !trunk.is_empty(),
+            gateway_vlan: vlan,
         },
     )?;
     if conf.is_gateway() {
@@ -309,32 +335,58 @@ fn attach(
         })
         .collect();
     let host_name = dataplane::host_veth_name(&env.container_id, &env.ifname);
-    let mtu = conf.raw.mtu.unwrap_or(bridge.mtu);
+    let mtu = conf.raw.mtu.unwrap_or(bridge.link.mtu);
+    let (ingress, egress) = conf.shaping()?;
+    let port = PortSpec {
+        // A pod reaching its own hostPort through the node comes back out its own port.
+        hairpin: conf.raw.hairpin_mode || !conf.raw.runtime_config.port_mappings.is_empty(),
+        isolated: conf.raw.port_isolation,
+        vlan,
+        trunk,
+        preserve_default_vlan: conf.preserve_default_vlan(),
+        ingress,
+    };
     let att = dataplane::attach(
         nl,
-        &bridge,
+        &bridge.link,
         netns,
         &host_name,
-        // A pod reaching its own hostPort through the node comes back out its own port.
-        conf.raw.hairpin_mode || !conf.raw.runtime_config.port_mappings.is_empty(),
+        &port,
         &PodSpec {
             ifname: &env.ifname,
             mac,
             addrs: a.ips.iter().map(|(n, _)| *n).collect(),
-            routes: route_specs,
+            routes: if conf.raw.disable_container_interface {
+                vec![]
+            } else {
+                route_specs
+            },
             dad: conf.raw.enabledad,
             mtu,
+            up: !conf.raw.disable_container_interface,
+            egress,
         },
     )?;
+    let record = attachment::Port {
+        vlan: port.vlan,
+        vlan_trunk: port.trunk.clone(),
+        isolated: port.isolated,
+        mac_spoof_check: conf
+            .raw
+            .macspoofchk
+            .then(|| cni::config::format_mac(&att.pod.mac)),
+        ingress_rate: ingress.map(|s| s.rate_bytes),
+        egress_rate: egress.map(|s| s.rate_bytes),
+    };
     let dns = match &conf.raw.dns {
         Some(d) if !d.is_empty() => d.clone(),
         _ => a.dns.clone(),
     };
-    let result = CniResult {
+    let mut result = CniResult {
         interfaces: vec![
             Interface {
-                name: bridge.name.clone(),
-                mac: cni::config::format_mac(&bridge.mac),
+                name: bridge.link.name.clone(),
+                mac: cni::config::format_mac(&bridge.link.mac),
                 ..Default::default()
             },
             Interface {
@@ -363,7 +415,15 @@ fn attach(
         routes,
         dns,
     };
-    Ok((result, att.host.index))
+    // As the reference: the VLAN device holding the gateway is listed after the pod's interface.
+    if let Some(gw) = bridge.gateway.filter(|g| g.index != bridge.link.index) {
+        result.interfaces.push(Interface {
+            name: gw.name.clone(),
+            mac: cni::config::format_mac(&gw.mac),
+            ..Default::default()
+        });
+    }
+    Ok((result, att.host.index, record))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -373,7 +433,7 @@ fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
     // Decoding errors of the IPAM config still fail DEL: nothing could be released otherwise.
     let ipam = Ipam::from_conf(conf)?;
     let mut nl = Netlink::new()?;
-    release(&ipam, env, stdin, &mut nl)
+    release(&ipam, conf, env, stdin, &mut nl)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -466,6 +526,7 @@ fn check(env: &Env, conf: &NetConf) -> Result<()> {
             prev.interfaces[i].mac
         ));
     }
+    check_port(conf, &mut nl, &host, &mut pod_nl, &pod)?;
     let have = pod_nl.addrs(pod.index, None)?;
     for ip in &want_ips {
         if !have
@@ -507,6 +568,77 @@ fn check(env: &Env, conf: &NetConf) -> Result<()> {
                 .map(|r| r.port_mappings.as_slice())
                 .unwrap_or(&[]),
         )?;
+    }
+    Ok(())
+}
+
+/// CHECK of what the bridge keys and the `bandwidth` capability made: port isolation, VLANs,
+/// shaping on both ends, the pod interface's state and the MAC spoof check.
+fn check_port(
+    conf: &NetConf,
+    nl: &mut Netlink,
+    host: &dataplane::Link,
+    pod_nl: &mut Netlink,
+    pod: &dataplane::Link,
+) -> Result<()> {
+    let fail = |m: String| Err(Error::CheckFailed(m));
+    if host.port_isolated != conf.raw.port_isolation {
+        return fail(format!(
+            "bridge port {} is {}isolated, the config says portIsolation: {}",
+            host.name,
+            if host.port_isolated { "" } else { "not " },
+            conf.raw.port_isolation
+        ));
+    }
+    let trunk = conf.vlan_trunk()?;
+    if conf.raw.vlan != 0 || !trunk.is_empty() {
+        let have = nl.port_vlans(host.index)?;
+        if conf.raw.vlan != 0 && !have.contains(&(conf.raw.vlan, true)) {
+            return fail(format!(
+                "bridge port {} does not have VLAN {} as its PVID",
+                host.name, conf.raw.vlan
+            ));
+        }
+        if let Some(t) = trunk.iter().find(|t| !have.iter().any(|(v, _)| v == *t)) {
+            return fail(format!(
+                "bridge port {} does not carry trunk VLAN {t}",
+                host.name
+            ));
+        }
+    }
+    let (ingress, egress) = conf.shaping()?;
+    for (shape, link, nl, what) in [
+        (ingress, host, &mut *nl, "to the pod"),
+        (egress, pod, pod_nl, "from the pod"),
+    ] {
+        let Some(s) = shape else { continue };
+        let have = dataplane::shaped_rate(nl, link.index)?;
+        if have != Some(s.rate_bytes) {
+            return fail(format!(
+                "traffic {what} is not shaped to {} bit/s on {} (found {})",
+                s.rate_bytes * 8,
+                link.name,
+                have.map(|r| format!("{} bit/s", r * 8))
+                    .unwrap_or_else(|| "no tbf".into())
+            ));
+        }
+    }
+    if pod.up == conf.raw.disable_container_interface {
+        return fail(format!(
+            "{} is {}, the config says disableContainerInterface: {}",
+            pod.name,
+            if pod.up { "up" } else { "down" },
+            conf.raw.disable_container_interface
+        ));
+    }
+    if conf.raw.macspoofchk
+        && !crate::macspoof::is_current(&mut crate::nft::Conn::new()?, &host.name, &pod.mac)?
+    {
+        return fail(format!(
+            "the MAC spoof check of {} (only {} may send) is missing or changed",
+            host.name,
+            cni::config::format_mac(&pod.mac)
+        ));
     }
     Ok(())
 }

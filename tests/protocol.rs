@@ -179,11 +179,16 @@ fn bad_stdin_is_decode_or_config_error() {
         c["ipam"] = ipam;
         expect_err(&env, c.to_string().as_bytes(), 7);
     }
-    // Keys pontoon does not implement are refused by name (code 2).
-    let mut c = good_conf();
-    c["vlan"] = json!(100);
-    let e = expect_err(&env, c.to_string().as_bytes(), 2);
-    assert!(e["msg"].as_str().unwrap().contains("vlan"));
+    // Out-of-range bridge keys name the key (code 7), before anything is touched.
+    for (k, v) in [
+        ("vlan", json!(5000)),
+        ("vlanTrunk", json!([{"minID": 9, "maxID": 3}])),
+    ] {
+        let mut c = good_conf();
+        c[k] = v;
+        let e = expect_err(&env, c.to_string().as_bytes(), 7);
+        assert!(e["msg"].as_str().unwrap().contains(k), "{e}");
+    }
 }
 
 #[test]

@@ -22,6 +22,7 @@ use crate::dataplane::{self, Netlink};
 use crate::error::{Error, Result};
 use crate::ipam::store::{Store, Stored};
 use crate::ipam::{Allocated, Owner, Pool};
+use crate::macspoof;
 use crate::nft;
 use crate::portmap::{self, Element, PortMapping};
 pub use lease::{LEASE_TTL_SECS, Lease, before_this_boot, boot_id};
@@ -48,6 +49,48 @@ pub struct Record {
     /// The boot the record was written in: a record of an earlier boot is stale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+    /// How its host veth sits on the bridge, when anything beyond the default was asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<Port>,
+}
+
+/// The bridge-port settings of an attachment. Everything but the MAC spoof check lives on the
+/// veth itself and goes with it; the check is a chain in pontoon's bridge table, removed by the
+/// release.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Port {
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub vlan: u16,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vlan_trunk: Vec<u16>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub isolated: bool,
+    /// The only source MAC the pod may send from (`macspoofchk`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac_spoof_check: Option<String>,
+    /// Shaping toward / from the pod, in bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_rate: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_rate: Option<u64>,
+}
+
+fn is_zero(v: &u16) -> bool {
+    *v == 0
+}
+
+impl Port {
+    /// Whether nothing beyond the default was asked.
+    pub fn is_default(&self) -> bool {
+        *self == Port::default()
+    }
+
+    fn spoof_mac(&self) -> Option<[u8; 6]> {
+        self.mac_spoof_check
+            .as_deref()
+            .and_then(crate::cni::config::parse_mac)
+    }
 }
 
 impl Record {
@@ -258,6 +301,15 @@ fn begin_locked(
             portmap::remove(k.nft()?, &pool.network, &gone)?;
             k.udp.extend(gone);
         }
+        // Its MAC spoof check is made again (or not) when this ADD completes.
+        if let (Some(v), true) = (
+            &old.host_veth,
+            old.port
+                .as_ref()
+                .is_some_and(|p| p.mac_spoof_check.is_some()),
+        ) {
+            macspoof::remove(k.nft()?, v)?;
+        }
     }
     let rec = Record {
         ips: ips.clone(),
@@ -267,6 +319,7 @@ fn begin_locked(
         // Only an ADD that makes a veth has something in progress to protect.
         lease: req.host_veth.map(|_| Lease::now()),
         boot_id: boot_id().map(str::to_string),
+        port: None,
     };
     // The record first, then the address files it lists (see store.rs).
     store.write_record(owner, &rec)?;
@@ -358,6 +411,7 @@ pub fn complete(
     owner: &Owner,
     firewall: &crate::firewall::Network,
     host_ifindex: u32,
+    port: Option<Port>,
 ) -> Result<()> {
     locked(pool, false, |store, k| {
         let Stored::Ok(mut rec) = store.record(owner)? else {
@@ -379,7 +433,18 @@ pub fn complete(
         }
         rec.host_ifindex = Some(host_ifindex);
         rec.lease = None;
-        store.rewrite_record(owner, &rec)
+        rec.port = port.filter(|p| !p.is_default());
+        // The record names the check before it exists: a failure from here on is rolled back
+        // by the release, which removes what the record names.
+        store.rewrite_record(owner, &rec)?;
+        if let (Some(p), Some(veth)) = (&rec.port, &rec.host_veth)
+            && let Some(mac) = p.spoof_mac()
+        {
+            let mut b = nft::Batch::new();
+            macspoof::add(&mut b, veth, &mac);
+            k.nft()?.commit(&b)?;
+        }
+        Ok(())
     })
 }
 
@@ -413,17 +478,23 @@ pub fn release_locked(
             &owner.ifname,
         ))
     };
-    let (ips, veth, ifindex, els) = match store.record(owner)? {
-        Stored::Ok(r) => (r.ips, r.host_veth, r.host_ifindex, r.port_mappings),
+    let (ips, veth, ifindex, els, spoof) = match store.record(owner)? {
+        Stored::Ok(r) => {
+            let spoof = r.port.as_ref().is_some_and(|p| p.mac_spoof_check.is_some());
+            (r.ips, r.host_veth, r.host_ifindex, r.port_mappings, spoof)
+        }
         Stored::Unreadable => {
             log::warn!("the record of {owner} is unreadable: releasing the addresses that name it");
-            (store.addresses_of(owner)?, derived(), None, vec![])
+            (store.addresses_of(owner)?, derived(), None, vec![], false)
         }
-        Stored::Missing => (vec![], derived(), None, vec![]),
+        Stored::Missing => (vec![], derived(), None, vec![], false),
     };
     let mut out = Released::default();
     if let Some(v) = &veth {
         out.veth = k.retire_link(v, ifindex)?;
+        if spoof {
+            macspoof::remove(k.nft()?, v)?;
+        }
     }
     if !els.is_empty() {
         portmap::remove(k.nft()?, &pool.network, &els)?;
@@ -640,6 +711,8 @@ pub struct AllocInfo {
     pub host_veth: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub host_ports: Vec<Element>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<Port>,
     pub state: AllocState,
 }
 
@@ -670,7 +743,7 @@ pub fn report(pool: &Pool, alive: &dyn Fn(&str) -> bool) -> Result<Report> {
     let mut allocations = Vec::new();
     let mut seen: HashSet<IpAddr> = HashSet::new();
     for (owner, rec) in store.records()? {
-        let (ips, veth, ports, state) = match rec {
+        let (ips, veth, ports, port, state) = match rec {
             Stored::Ok(r) => {
                 let ips: Vec<IpAddr> = r
                     .ips
@@ -685,12 +758,13 @@ pub fn report(pool: &Pool, alive: &dyn Fn(&str) -> bool) -> Result<Report> {
                 } else {
                     AllocState::Alive
                 };
-                (ips, r.host_veth, r.port_mappings, state)
+                (ips, r.host_veth, r.port_mappings, r.port, state)
             }
             _ => (
                 store.addresses_of(&owner)?,
                 None,
                 vec![],
+                None,
                 AllocState::Unreadable,
             ),
         };
@@ -709,6 +783,7 @@ pub fn report(pool: &Pool, alive: &dyn Fn(&str) -> bool) -> Result<Report> {
             ips,
             host_veth: veth,
             host_ports: ports,
+            port,
             state,
         });
     }
@@ -727,6 +802,7 @@ pub fn report(pool: &Pool, alive: &dyn Fn(&str) -> bool) -> Result<Report> {
             ips: vec![*ip],
             host_veth: None,
             host_ports: vec![],
+            port: None,
             state,
         });
     }

@@ -58,9 +58,10 @@ pub struct RawConf {
     #[serde(default)]
     pub vlan: u16,
     #[serde(default)]
-    pub vlan_trunk: Option<Value>,
+    pub vlan_trunk: Option<Vec<VlanTrunk>>,
+    /// Keep VLAN 1 on the pod's port besides `vlan`/`vlanTrunk` (the reference's default: true).
     #[serde(default)]
-    pub preserve_default_vlan: bool,
+    pub preserve_default_vlan: Option<bool>,
     #[serde(default)]
     pub macspoofchk: bool,
     #[serde(default)]
@@ -99,6 +100,34 @@ pub struct RuntimeConfig {
     /// The `portMappings` capability (hostPort).
     #[serde(default)]
     pub port_mappings: Vec<crate::portmap::PortMapping>,
+    /// The `bandwidth` capability: bits per second and bits, as kubelet and the reference
+    /// bandwidth plugin use them.
+    #[serde(default)]
+    pub bandwidth: Option<Bandwidth>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Bandwidth {
+    #[serde(default)]
+    pub ingress_rate: i64,
+    #[serde(default)]
+    pub ingress_burst: i64,
+    #[serde(default)]
+    pub egress_rate: i64,
+    #[serde(default)]
+    pub egress_burst: i64,
+}
+
+/// One `vlanTrunk` entry: `{"id": N}` or `{"minID": A, "maxID": B}`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct VlanTrunk {
+    #[serde(default)]
+    pub id: Option<i64>,
+    #[serde(default, rename = "minID")]
+    pub min_id: Option<i64>,
+    #[serde(default, rename = "maxID")]
+    pub max_id: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -161,36 +190,20 @@ impl NetConf {
 
     fn validate(&self) -> Result<()> {
         let r = &self.raw;
-        let unsupported = |key: &str, msg: &str| {
-            Err(Error::UnsupportedField {
-                key: key.to_string(),
-                msg: msg.to_string(),
-            })
-        };
         if r.vlan > 4094 {
             return Err(Error::config(format!(
                 "`vlan` {} is out of range 0-4094",
                 r.vlan
             )));
         }
-        if r.vlan != 0 {
-            return unsupported("vlan", "VLANs are not supported by pontoon yet; remove it");
+        self.vlan_trunk()?;
+        if r.disable_container_interface && self.ipam_type().is_some() {
+            return Err(Error::config(
+                "`disableContainerInterface` leaves the pod interface down: it cannot be used \
+                 with `ipam` (as in the reference)",
+            ));
         }
-        if r.vlan_trunk.is_some() {
-            return unsupported("vlanTrunk", "VLAN trunks are not supported by pontoon yet");
-        }
-        if r.macspoofchk {
-            return unsupported("macspoofchk", "MAC spoof checking is not supported yet");
-        }
-        if r.port_isolation {
-            return unsupported("portIsolation", "port isolation is not supported yet");
-        }
-        if r.disable_container_interface {
-            return unsupported(
-                "disableContainerInterface",
-                "pontoon always brings the pod interface up",
-            );
-        }
+        self.shaping()?;
         if let Some(v) = &r.ipam
             && !v.is_object()
             && !v.is_null()
@@ -227,6 +240,99 @@ impl NetConf {
                 .map_err(|_| Error::config(format!("`noMasqueradeCidrs`: {c:?} is not a CIDR")))?;
         }
         Ok(())
+    }
+
+    /// The VLANs of `vlanTrunk`, sorted, each once (the reference's rules: an `id`, or a
+    /// `minID`..`maxID` range, within 1-4094).
+    pub fn vlan_trunk(&self) -> Result<Vec<u16>> {
+        let mut out: Vec<u16> = Vec::new();
+        for t in self.raw.vlan_trunk.iter().flatten() {
+            let ok = |v: i64| (1..=4094).contains(&v);
+            match (t.id, t.min_id, t.max_id) {
+                (_, Some(a), Some(b)) => {
+                    if !ok(a) || !ok(b) || a > b {
+                        return Err(Error::config(format!(
+                            "`vlanTrunk`: minID {a} and maxID {b} must be within 1-4094, minID \
+                             not above maxID"
+                        )));
+                    }
+                    out.extend((a..=b).map(|v| v as u16));
+                }
+                (Some(id), None, None) => {
+                    if !ok(id) {
+                        return Err(Error::config(format!(
+                            "`vlanTrunk`: id {id} is out of range 1-4094"
+                        )));
+                    }
+                    out.push(id as u16);
+                }
+                _ => {
+                    return Err(Error::config(
+                        "`vlanTrunk`: each entry is {\"id\": N} or {\"minID\": A, \"maxID\": B}",
+                    ));
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Whether VLAN 1 stays on the pod's port (default true, as in the reference).
+    pub fn preserve_default_vlan(&self) -> bool {
+        self.raw.preserve_default_vlan.unwrap_or(true)
+    }
+
+    /// The shaping `runtimeConfig.bandwidth` asks for: (to the pod, from the pod). A rate needs
+    /// a burst and a burst a rate (as in the reference); zero is no limit.
+    pub fn shaping(
+        &self,
+    ) -> Result<(
+        Option<crate::dataplane::tc::Shape>,
+        Option<crate::dataplane::tc::Shape>,
+    )> {
+        let Some(b) = &self.raw.runtime_config.bandwidth else {
+            return Ok((None, None));
+        };
+        let one =
+            |dir: &str, rate: i64, burst: i64| -> Result<Option<crate::dataplane::tc::Shape>> {
+                let key = |k: &str| format!("runtimeConfig.bandwidth.{dir}{k}");
+                if rate < 0 || burst < 0 {
+                    return Err(Error::config(format!(
+                        "`{}` and `{}` must not be negative",
+                        key("Rate"),
+                        key("Burst")
+                    )));
+                }
+                match (rate, burst) {
+                    (0, 0) => Ok(None),
+                    (_, 0) => Err(Error::config(format!(
+                        "`{}` is set: `{}` must be too",
+                        key("Rate"),
+                        key("Burst")
+                    ))),
+                    (0, _) => Err(Error::config(format!(
+                        "`{}` is set: `{}` must be too",
+                        key("Burst"),
+                        key("Rate")
+                    ))),
+                    (r, _) if r < 8 => Err(Error::config(format!(
+                        "`{}` {r} is below 8 bits per second",
+                        key("Rate")
+                    ))),
+                    (_, b) if b / 8 >= u32::MAX as i64 => Err(Error::config(format!(
+                        "`{}` {b} is more than 4 GB",
+                        key("Burst")
+                    ))),
+                    (r, b) => Ok(Some(crate::dataplane::tc::Shape::from_bits(
+                        r as u64, b as u64,
+                    ))),
+                }
+            };
+        Ok((
+            one("ingress", b.ingress_rate, b.ingress_burst)?,
+            one("egress", b.egress_rate, b.egress_burst)?,
+        ))
     }
 
     /// Whether the conflist declares capability `name` for this plugin.
@@ -403,12 +509,28 @@ mod tests {
             let e = parse(&format!(r#"{{"cniVersion":"1.0.0","name":"{bad}"}}"#)).unwrap_err();
             assert_eq!(e.code(), 7, "{bad}");
         }
-        assert_eq!(
-            parse(r#"{"cniVersion":"1.0.0","name":"n","vlan":5}"#)
-                .unwrap_err()
-                .code(),
-            2
-        );
+        assert!(parse(r#"{"cniVersion":"1.0.0","name":"n","vlan":5}"#).is_ok());
+        for bad in [
+            r#""vlanTrunk":[{"id":0}]"#,
+            r#""vlanTrunk":[{"minID":10,"maxID":5}]"#,
+            r#""vlanTrunk":[{"minID":10}]"#,
+            r#""vlanTrunk":[{"id":5000}]"#,
+            r#""disableContainerInterface":true,"ipam":{"type":"host-local","subnet":"10.0.0.0/24"}"#,
+            r#""runtimeConfig":{"bandwidth":{"ingressRate":-1,"ingressBurst":5}}"#,
+            r#""runtimeConfig":{"bandwidth":{"ingressRate":1000}}"#,
+            r#""runtimeConfig":{"bandwidth":{"egressBurst":1000}}"#,
+            r#""runtimeConfig":{"bandwidth":{"egressRate":100000,"egressBurst":99999999999999}}"#,
+            r#""runtimeConfig":{"bandwidth":{"egressRate":1e40,"egressBurst":1}}"#,
+        ] {
+            let e = parse(&format!(r#"{{"cniVersion":"1.0.0","name":"n",{bad}}}"#)).unwrap_err();
+            assert_eq!(e.code(), 7, "{bad}: {e}");
+        }
+        let c = parse(
+            r#"{"cniVersion":"1.0.0","name":"n","vlanTrunk":[{"id":7},{"minID":3,"maxID":5},{"id":4}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.vlan_trunk().unwrap(), [3, 4, 5, 7]);
+        assert!(c.preserve_default_vlan());
         assert_eq!(
             parse(r#"{"cniVersion":"1.0.0","name":"n","hairpinMode":true,"promiscMode":true}"#)
                 .unwrap_err()

@@ -3,6 +3,7 @@
 
 pub mod netlink;
 pub mod sysctl;
+pub mod tc;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -46,11 +47,24 @@ pub struct BridgeSpec<'a> {
     /// Gateway addresses (with prefix) to hold when the network is a gateway.
     pub gateways: Vec<IpNetwork>,
     pub force_address: bool,
+    /// VLAN filtering on (`vlan` or `vlanTrunk` is used).
+    pub vlan_filtering: bool,
+    /// With a gateway: the VLAN the gateway serves (on a `<bridge>.<vid>` VLAN device of the
+    /// bridge, as the reference does), 0 for the bridge itself.
+    pub gateway_vlan: u16,
 }
 
-/// Ensures the bridge exists, is a bridge, is up, and holds the gateway addresses.
-pub fn ensure_bridge(nl: &mut Netlink, spec: &BridgeSpec) -> Result<Link> {
+/// The bridge and the link that holds the gateway (the bridge, or its VLAN device).
+pub struct Bridge {
+    pub link: Link,
+    pub gateway: Option<Link>,
+}
+
+/// Ensures the bridge exists, is a bridge, is up, filters VLANs when asked, and holds the
+/// gateway addresses (on its VLAN device with `gateway_vlan`).
+pub fn ensure_bridge(nl: &mut Netlink, spec: &BridgeSpec) -> Result<Bridge> {
     let mut link = nl.link_by_name(spec.name)?;
+    let mut created = false;
     if link.is_none() {
         let mtu = match spec.mtu {
             Some(m) => m,
@@ -58,6 +72,7 @@ pub fn ensure_bridge(nl: &mut Netlink, spec: &BridgeSpec) -> Result<Link> {
         };
         // EEXIST means a concurrent ADD made it first: fine, it is re-read below.
         if nl.create_bridge(spec.name, mtu, bridge_mac(spec.name))? {
+            created = true;
             log::info!("created bridge {} (mtu {mtu})", spec.name);
             sysctl::set_if_exists(&format!("net/ipv6/conf/{}/accept_ra", spec.name), "0");
         }
@@ -83,10 +98,39 @@ pub fn ensure_bridge(nl: &mut Netlink, spec: &BridgeSpec) -> Result<Link> {
     if spec.promisc {
         nl.set_promisc(link.index)?;
     }
-    if !spec.gateways.is_empty() {
-        ensure_gateway_addrs(nl, &link, spec)?;
+    if spec.vlan_filtering
+        && let Err(e) = nl.set_vlan_filtering(link.index)
+    {
+        // A bridge this ADD made and cannot use is not left behind.
+        if created {
+            let _ = nl.del_link_by_index(link.index);
+        }
+        return Err(e);
     }
-    Ok(link)
+    if spec.gateways.is_empty() {
+        return Ok(Bridge {
+            link,
+            gateway: None,
+        });
+    }
+    let gw = if spec.gateway_vlan != 0 {
+        let name = format!("{}.{}", spec.name, spec.gateway_vlan);
+        if nl.create_vlan(&name, link.index, spec.gateway_vlan)? {
+            // The bridge itself carries the VLAN to its VLAN device.
+            nl.bridge_vlans(link.index, true, true, &[(spec.gateway_vlan, false)])?;
+            sysctl::set_if_exists(&format!("net/ipv6/conf/{name}/accept_ra"), "0");
+        }
+        nl.link_by_name(&name)?.ok_or_else(|| {
+            Error::Internal(format!("VLAN device {name} missing right after creation"))
+        })?
+    } else {
+        link.clone()
+    };
+    ensure_gateway_addrs(nl, &gw, spec)?;
+    Ok(Bridge {
+        link,
+        gateway: Some(gw),
+    })
 }
 
 fn ensure_gateway_addrs(nl: &mut Netlink, br: &Link, spec: &BridgeSpec) -> Result<()> {
@@ -156,6 +200,26 @@ pub struct PodSpec<'a> {
     /// IPv6 duplicate address detection (off by default: it delays pod start by seconds).
     pub dad: bool,
     pub mtu: u32,
+    /// `false` leaves the pod interface down (`disableContainerInterface`).
+    pub up: bool,
+    /// Shaping of what the pod sends (a TBF on its end's egress).
+    pub egress: Option<tc::Shape>,
+}
+
+/// How the host end sits on the bridge.
+#[derive(Debug, Default, Clone)]
+pub struct PortSpec {
+    pub hairpin: bool,
+    /// `portIsolation`: isolated ports cannot talk to each other, only to the rest.
+    pub isolated: bool,
+    /// The port's VLAN (PVID, untagged), 0 for none.
+    pub vlan: u16,
+    /// VLANs the port carries tagged (`vlanTrunk`).
+    pub trunk: Vec<u16>,
+    /// Keep VLAN 1 on the port when `vlan` or `trunk` are set.
+    pub preserve_default_vlan: bool,
+    /// Shaping of what goes to the pod (a TBF on the host end's egress).
+    pub ingress: Option<tc::Shape>,
 }
 
 /// The two ends of an attachment after setup.
@@ -172,11 +236,11 @@ pub fn attach(
     bridge: &Link,
     netns: &NetNs,
     host_name: &str,
-    hairpin: bool,
+    port: &PortSpec,
     spec: &PodSpec,
 ) -> Result<Attached> {
     create_veth(host_nl, bridge, netns, host_name, spec)?;
-    let r = configure(host_nl, netns, host_name, hairpin, spec);
+    let r = configure(host_nl, netns, host_name, port, spec);
     if r.is_err() {
         let _ = host_nl.del_link_by_name(host_name);
     }
@@ -258,19 +322,55 @@ fn veth_error(e: std::io::Error, ifname: &str, netns: &NetNs) -> Error {
     }
 }
 
+/// The host end's bridge-port settings: options, VLANs, shaping toward the pod.
+fn configure_port(host_nl: &mut Netlink, host: &Link, port: &PortSpec) -> Result<()> {
+    if port.hairpin || port.isolated {
+        host_nl.set_port_options(host.index, port.hairpin, port.isolated)?;
+    }
+    if port.vlan != 0 || !port.trunk.is_empty() {
+        if !port.preserve_default_vlan {
+            host_nl.bridge_vlans(host.index, false, false, &[(1, false)])?;
+        }
+        if port.vlan != 0 {
+            host_nl.bridge_vlans(host.index, false, true, &[(port.vlan, true)])?;
+        }
+        let trunk: Vec<(u16, bool)> = port.trunk.iter().map(|v| (*v, false)).collect();
+        host_nl.bridge_vlans(host.index, false, true, &trunk)?;
+    }
+    if let Some(s) = &port.ingress {
+        shape(host_nl, host.index, s)?;
+    }
+    Ok(())
+}
+
+/// Installs a root TBF on the link.
+fn shape(nl: &mut Netlink, index: u32, s: &tc::Shape) -> Result<()> {
+    let (kind, body) = tc::tbf(index, s);
+    nl.raw(kind, 0x400 | 0x200, &body) // NLM_F_CREATE | NLM_F_EXCL
+        .map(|_| ())
+        .map_err(|e| Error::netlink(format!("cannot shape link #{index} (tbf)"), e))
+}
+
+/// The rate of a link's root TBF, if it has one.
+pub fn shaped_rate(nl: &mut Netlink, index: u32) -> Result<Option<u64>> {
+    let (kind, body) = tc::qdisc_dump();
+    let msgs = nl
+        .raw(kind, 0x300, &body) // NLM_F_DUMP
+        .map_err(|e| Error::netlink("cannot list qdiscs", e))?;
+    Ok(msgs.iter().find_map(|m| tc::root_tbf_rate(m, index)))
+}
+
 fn configure(
     host_nl: &mut Netlink,
     netns: &NetNs,
     host_name: &str,
-    hairpin: bool,
+    port: &PortSpec,
     spec: &PodSpec,
 ) -> Result<Attached> {
     let host = host_nl
         .link_by_name(host_name)?
         .ok_or_else(|| Error::Internal(format!("veth {host_name} missing right after creation")))?;
-    if hairpin {
-        host_nl.set_hairpin(host.index, true)?;
-    }
+    configure_port(host_nl, &host, port)?;
     sysctl::set_if_exists(&format!("net/ipv6/conf/{host_name}/accept_ra"), "0");
     let has_v4 = spec.addrs.iter().any(|a| a.is_ipv4());
     let has_v6 = spec.addrs.iter().any(|a| a.is_ipv6());
@@ -304,6 +404,14 @@ fn configure(
             Err(e) if e.errno() == Some(libc::EEXIST) => {}
             r => r?,
         }
+    }
+    if let Some(s) = &spec.egress {
+        shape(&mut pod_nl, pod.index, s)?;
+    }
+    if !spec.up {
+        // Left down: no carrier, so the bridge port never forwards; nothing to wait for.
+        let host = host_nl.link_by_index(host.index)?.unwrap_or(host);
+        return Ok(Attached { host, pod });
     }
     pod_nl.set_up(pod.index)?;
     for r in &spec.routes {

@@ -14,8 +14,9 @@ use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
 };
 use netlink_packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute,
-    LinkFlags, LinkInfo, LinkMessage, State,
+    AfSpecBridge, BridgeFlag, BridgeVlanInfo, BridgeVlanInfoFlags, InfoBridge, InfoBridgePort,
+    InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, InfoVlan, LinkAttribute,
+    LinkExtentMask, LinkFlags, LinkInfo, LinkMessage, State,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -44,6 +45,8 @@ pub struct Link {
     pub master: Option<u32>,
     /// For a veth: the peer's index (in the peer's namespace).
     pub peer_index: Option<u32>,
+    /// For a bridge port: whether it is isolated (`portIsolation`).
+    pub port_isolated: bool,
 }
 
 impl Link {
@@ -58,6 +61,7 @@ impl Link {
             oper_up: false,
             master: None,
             peer_index: None,
+            port_isolated: false,
         };
         for a in &m.attributes {
             match a {
@@ -69,8 +73,14 @@ impl Link {
                 LinkAttribute::Link(i) => l.peer_index = Some(*i),
                 LinkAttribute::LinkInfo(infos) => {
                     for i in infos {
-                        if let LinkInfo::Kind(k) = i {
-                            l.kind = Some(k.to_string());
+                        match i {
+                            LinkInfo::Kind(k) => l.kind = Some(k.to_string()),
+                            LinkInfo::PortData(InfoPortData::BridgePort(opts)) => {
+                                l.port_isolated = opts
+                                    .iter()
+                                    .any(|o| matches!(o, InfoBridgePort::Isolated(true)));
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -427,19 +437,182 @@ impl Netlink {
             .map_err(|e| Error::netlink("cannot set promiscuous mode", e))
     }
 
-    /// Hairpin mode on a bridge port. Port (slave) options are applied by RTM_NEWLINK on the
-    /// existing link; RTM_SETLINK ignores IFLA_INFO_SLAVE_DATA.
-    pub fn set_hairpin(&mut self, index: u32, on: bool) -> Result<()> {
+    /// Options of a bridge port: hairpin mode and isolation. Port (slave) options are applied by
+    /// RTM_NEWLINK on the existing link; RTM_SETLINK ignores IFLA_INFO_SLAVE_DATA.
+    pub fn set_port_options(&mut self, index: u32, hairpin: bool, isolated: bool) -> Result<()> {
+        let mut opts = vec![InfoBridgePort::HairpinMode(hairpin)];
+        if isolated {
+            opts.push(InfoBridgePort::Isolated(true));
+        }
         let mut m = LinkMessage::default();
         m.header.index = index;
         m.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::PortKind(InfoPortKind::Bridge),
-            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::HairpinMode(
-                on,
-            )])),
+            LinkInfo::PortData(InfoPortData::BridgePort(opts)),
         ]));
-        self.ack(RouteNetlinkMessage::NewLink(m), 0)
-            .map_err(|e| Error::netlink(format!("cannot set hairpin mode (link #{index})"), e))
+        self.ack(RouteNetlinkMessage::NewLink(m), 0).map_err(|e| {
+            Error::netlink(
+                format!("cannot set the bridge port options (link #{index})"),
+                e,
+            )
+        })
+    }
+
+    /// Turns VLAN filtering on for a bridge.
+    pub fn set_vlan_filtering(&mut self, bridge: u32) -> Result<()> {
+        let mut m = LinkMessage::default();
+        m.header.index = bridge;
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Bridge),
+            LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::VlanFiltering(true)])),
+        ]));
+        self.ack(RouteNetlinkMessage::NewLink(m), 0).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                Error::UnsupportedField {
+                    key: "vlan".into(),
+                    msg:
+                        "this kernel has no bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING): \
+                          `vlan` and `vlanTrunk` cannot be used on this node"
+                            .into(),
+                }
+            } else {
+                Error::netlink("cannot turn on VLAN filtering", e)
+            }
+        })
+    }
+
+    /// Adds (or, with `add` false, removes) VLANs of a bridge port (`port_self` false) or of
+    /// the bridge device itself: `(vid, pvid and untagged)`.
+    pub fn bridge_vlans(
+        &mut self,
+        index: u32,
+        port_self: bool,
+        add: bool,
+        vlans: &[(u16, bool)],
+    ) -> Result<()> {
+        if vlans.is_empty() {
+            return Ok(());
+        }
+        let mut spec = Vec::new();
+        if port_self {
+            spec.push(AfSpecBridge::Flags(BridgeFlag::LowerDev));
+        }
+        for (vid, pvid) in vlans {
+            let flags = if *pvid {
+                BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged
+            } else {
+                BridgeVlanInfoFlags::empty()
+            };
+            spec.push(AfSpecBridge::VlanInfo(BridgeVlanInfo { flags, vid: *vid }));
+        }
+        let mut m = LinkMessage::default();
+        m.header.interface_family = AddressFamily::Bridge;
+        m.header.index = index;
+        m.attributes.push(LinkAttribute::AfSpecBridge(spec));
+        let msg = if add {
+            RouteNetlinkMessage::SetLink(m)
+        } else {
+            RouteNetlinkMessage::DelLink(m)
+        };
+        self.ack(msg, 0)
+            .map_err(|e| Error::netlink(format!("cannot change the VLANs of link #{index}"), e))
+    }
+
+    /// The VLANs of a bridge port: `(vid, pvid)`.
+    pub fn port_vlans(&mut self, index: u32) -> Result<Vec<(u16, bool)>> {
+        let mut m = LinkMessage::default();
+        m.header.interface_family = AddressFamily::Bridge;
+        m.attributes
+            .push(LinkAttribute::ExtMask(vec![LinkExtentMask::Brvlan]));
+        let replies = self
+            .request_inner(RouteNetlinkMessage::GetLink(m), NLM_F_DUMP, true)
+            .map_err(|e| Error::netlink("cannot list bridge VLANs", e))?;
+        let mut out = Vec::new();
+        for r in replies {
+            let RouteNetlinkMessage::NewLink(l) = r else {
+                continue;
+            };
+            if l.header.index != index {
+                continue;
+            }
+            for a in &l.attributes {
+                if let LinkAttribute::AfSpecBridge(spec) = a {
+                    for s in spec {
+                        if let AfSpecBridge::VlanInfo(v) = s {
+                            out.push((v.vid, v.flags.contains(BridgeVlanInfoFlags::Pvid)));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates the VLAN device `name` (id `vid`) on link `parent`, up; `Ok(false)` if it exists.
+    pub fn create_vlan(&mut self, name: &str, parent: u32, vid: u16) -> Result<bool> {
+        let mut m = LinkMessage::default();
+        m.header.flags = LinkFlags::Up;
+        m.header.change_mask = LinkFlags::Up;
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        m.attributes.push(LinkAttribute::Link(parent));
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Vlan),
+            LinkInfo::Data(InfoData::Vlan(vec![InfoVlan::Id(vid)])),
+        ]));
+        match self.ack(RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(Error::netlink(
+                format!("cannot create VLAN device {name}"),
+                e,
+            )),
+        }
+    }
+
+    /// A request the typed messages do not cover (traffic control): `kind` with `body` (its
+    /// header and attributes). Returns the payloads of the answers (a dump's messages).
+    pub fn raw(&mut self, kind: u16, flags: u16, body: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let mut buf = Vec::with_capacity(16 + body.len());
+        buf.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+        buf.extend_from_slice(&kind.to_ne_bytes());
+        buf.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK | flags).to_ne_bytes());
+        buf.extend_from_slice(&seq.to_ne_bytes());
+        buf.extend_from_slice(&0u32.to_ne_bytes());
+        buf.extend_from_slice(body);
+        self.sock.send(&buf, 0)?;
+        let mut out = Vec::new();
+        loop {
+            let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+            let mut off = 0;
+            while off + 16 <= n {
+                let len = u32::from_ne_bytes(self.buf[off..off + 4].try_into().unwrap()) as usize;
+                if len < 16 || off + len > n {
+                    break;
+                }
+                let ty = u16::from_ne_bytes([self.buf[off + 4], self.buf[off + 5]]);
+                let rseq = u32::from_ne_bytes(self.buf[off + 8..off + 12].try_into().unwrap());
+                let payload = self.buf[off + 16..off + len].to_vec();
+                off += (len + 3) & !3;
+                if rseq != seq {
+                    continue;
+                }
+                match ty {
+                    2 => {
+                        // NLMSG_ERROR
+                        let errno = -i32::from_ne_bytes(payload[..4].try_into().unwrap());
+                        return if errno == 0 {
+                            Ok(out)
+                        } else {
+                            Err(io::Error::from_raw_os_error(errno))
+                        };
+                    }
+                    3 => return Ok(out), // NLMSG_DONE
+                    _ => out.push(payload),
+                }
+            }
+        }
     }
 
     // ---- addresses ----

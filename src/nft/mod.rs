@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 pub use expr::Expr;
 
 pub const NFPROTO_INET: u8 = 1;
+pub const NFPROTO_BRIDGE: u8 = 7;
 pub const NFPROTO_IPV4: u8 = 2;
 pub const NFPROTO_IPV6: u8 = 10;
 
@@ -167,6 +168,9 @@ pub struct SetSpec {
     pub data: Option<(u32, u32)>,
 }
 
+/// The data type of a verdict map.
+pub const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
+
 /// nft's datatype ids (nftables `include/datatype.h`).
 pub mod types {
     pub const IPADDR: u32 = 7;
@@ -184,6 +188,20 @@ pub mod types {
 }
 
 /// A set element: its key and, in a map, its data.
+/// What a set element maps to.
+enum ElemData<'a> {
+    None,
+    Value(&'a [u8]),
+    /// A verdict map's `jump <chain>`.
+    Jump(&'a str),
+}
+
+/// NFTA_DATA_VERDICT and its NFTA_VERDICT_CODE / NFTA_VERDICT_CHAIN; NFT_JUMP.
+const DATA_VERDICT: u16 = 2;
+const VERDICT_CODE: u16 = 1;
+const VERDICT_CHAIN: u16 = 2;
+const NF_JUMP: i32 = -3;
+
 pub type SetElem = (Vec<u8>, Option<Vec<u8>>);
 
 /// The data messages of one answer: (message type, payload after the nfgenmsg header).
@@ -410,16 +428,15 @@ impl Batch {
         self.push(MSG_DELSETELEM, 0, family, b, format!("flush set {set}"));
     }
 
-    fn elements(
+    fn elements<'e>(
         &mut self,
         (kind, flags): (u16, u16),
         family: u8,
-        table: &str,
-        set: &str,
-        els: &[SetElem],
+        (table, set): (&str, &str),
+        els: impl ExactSizeIterator<Item = (&'e [u8], ElemData<'e>)>,
         what: String,
     ) {
-        if els.is_empty() {
+        if els.len() == 0 {
             return;
         }
         let mut b = Vec::new();
@@ -429,8 +446,15 @@ impl Batch {
             for (key, data) in els {
                 nested(l, LIST_ELEM, |e| {
                     nested(e, ELEM_KEY, |k| attr(k, DATA_VALUE, key));
-                    if let Some(d) = data {
-                        nested(e, ELEM_DATA, |k| attr(k, DATA_VALUE, d));
+                    match data {
+                        ElemData::None => {}
+                        ElemData::Value(d) => nested(e, ELEM_DATA, |k| attr(k, DATA_VALUE, d)),
+                        ElemData::Jump(chain) => nested(e, ELEM_DATA, |d| {
+                            nested(d, DATA_VERDICT, |v| {
+                                attr(v, VERDICT_CODE, &NF_JUMP.to_be_bytes());
+                                attr_str(v, VERDICT_CHAIN, chain);
+                            })
+                        }),
                     }
                 });
             }
@@ -444,22 +468,42 @@ impl Batch {
         self.elements(
             (MSG_NEWSETELEM, NLM_F_CREATE),
             family,
-            table,
-            set,
-            els,
+            (table, set),
+            els.iter().map(|(k, d)| {
+                (
+                    k.as_slice(),
+                    d.as_deref().map_or(ElemData::None, ElemData::Value),
+                )
+            }),
+            format!("add elements to {set}"),
+        );
+    }
+
+    /// Adds elements of a verdict map: key → jump to a chain.
+    pub fn add_jump_elements(
+        &mut self,
+        family: u8,
+        table: &str,
+        set: &str,
+        els: &[(Vec<u8>, String)],
+    ) {
+        self.elements(
+            (MSG_NEWSETELEM, NLM_F_CREATE),
+            family,
+            (table, set),
+            els.iter()
+                .map(|(k, c)| (k.as_slice(), ElemData::Jump(c.as_str()))),
             format!("add elements to {set}"),
         );
     }
 
     /// Deletes elements by key (each must exist, or the batch fails).
     pub fn del_elements(&mut self, family: u8, table: &str, set: &str, keys: &[Vec<u8>]) {
-        let els: Vec<SetElem> = keys.iter().map(|k| (k.clone(), None)).collect();
         self.elements(
             (MSG_DELSETELEM, 0),
             family,
-            table,
-            set,
-            &els,
+            (table, set),
+            keys.iter().map(|k| (k.as_slice(), ElemData::None)),
             format!("delete elements of {set}"),
         );
     }

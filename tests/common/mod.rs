@@ -594,3 +594,61 @@ pub fn http_get(ns: &str, port: u16, path: &str) -> (u16, String) {
         (code, body)
     })
 }
+
+/// Runs a conflist the way libcni does: ADD through the plugins in order, each given the
+/// previous result as `prevResult`; CHECK and DEL with the cached ADD result (`cached`), DEL in
+/// reverse order; `runtimeConfig` filled per plugin from `rc` for the capabilities it declares.
+/// `type: pontoon` runs the binary under test, any other type the Go reference's.
+/// Returns the final result (ADD), or the index and reply of the plugin that failed.
+pub fn run_list(
+    node: &Node,
+    cmd: &str,
+    list: &Value,
+    (cid, netns, ifname): (&str, &str, &str),
+    rc: &Value,
+    cached: Option<&Value>,
+) -> Result<Value, (usize, Reply)> {
+    let plugins = list["plugins"].as_array().expect("plugins");
+    let mut order: Vec<usize> = (0..plugins.len()).collect();
+    if cmd == "DEL" {
+        order.reverse();
+    }
+    let mut prev = cached.cloned();
+    for i in order {
+        let mut conf = plugins[i].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["name"] = list["name"].clone();
+        if let Some(caps) = plugins[i]["capabilities"].as_object() {
+            for (k, on) in caps {
+                if on == &json!(true) && !rc[k].is_null() {
+                    conf["runtimeConfig"][k] = rc[k].clone();
+                }
+            }
+        }
+        if let Some(p) = &prev {
+            conf["prevResult"] = p.clone();
+        }
+        let ty = conf["type"].as_str().unwrap().to_string();
+        let bin = if ty == "pontoon" {
+            PathBuf::from(BIN)
+        } else {
+            PathBuf::from("/usr/lib/cni").join(&ty)
+        };
+        let env = [
+            ("CNI_CONTAINERID", cid),
+            ("CNI_NETNS", netns),
+            ("CNI_IFNAME", ifname),
+        ];
+        let r = cni_exec(&node.name, &bin, cmd, &env, conf.to_string().as_bytes());
+        if r.code != 0 {
+            return Err((i, r));
+        }
+        if cmd == "ADD" {
+            prev = Some(
+                serde_json::from_str(&r.stdout)
+                    .unwrap_or_else(|_| panic!("{ty} ADD printed no result: {:?}", r.stdout)),
+            );
+        }
+    }
+    Ok(prev.unwrap_or(Value::Null))
+}
