@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: lint, unit and integration tests (root: they build
-# throwaway network namespaces, and remove them again), the containerd CRI end-to-end tier,
+# throwaway network namespaces, and remove them again), the containerd CRI and Podman tiers,
 # a benchmark smoke run and a short fuzz run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +30,9 @@ cargo bench -q --bench agent_scale -- --quick
 
 echo "== containerd CRI end-to-end tier"
 bash hack/e2e-containerd.sh
+
+echo "== Podman (libcni) end-to-end tier"
+bash hack/e2e-podman.sh
 
 echo "== fuzzing (short; hack/fuzz.sh SECONDS for a long run)"
 bash hack/fuzz.sh 20
