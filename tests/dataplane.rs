@@ -110,6 +110,10 @@ fn pods_reach_each_other_the_gateway_and_over_ipv6() {
     let ia = result_ips(&ra);
     let ib = result_ips(&rb);
     assert_ne!(ia, ib);
+    // Nothing on the bridge waits for duplicate address detection: with a tentative
+    // link-local address the node would not resolve pods for IPv6 packets it forwards.
+    let tentative = node.node_ok(&["ip", "-6", "addr", "show", "dev", "cni0", "tentative"]);
+    assert!(tentative.trim().is_empty(), "{tentative}");
     // The very first packet after ADD must get through (no warm-up ping).
     assert!(node.ping(&a, &ib[0]), "a -> b v4");
     assert!(node.ping(&b, &ia[0]), "b -> a v4");

@@ -75,6 +75,11 @@ pub fn ensure_bridge(nl: &mut Netlink, spec: &BridgeSpec) -> Result<Bridge> {
             created = true;
             log::info!("created bridge {} (mtu {mtu})", spec.name);
             sysctl::set_if_exists(&format!("net/ipv6/conf/{}/accept_ra", spec.name), "0");
+            // Its link-local address is usable at once rather than after a second of DAD:
+            // until then the node sends no neighbour solicitation on the bridge for IPv6
+            // packets it forwards to pods (from other nodes, from outside), so those are lost.
+            // Its gateway addresses are added without DAD for the same reason.
+            sysctl::set_if_exists(&format!("net/ipv6/conf/{}/accept_dad", spec.name), "0");
         }
         link = nl.link_by_name(spec.name)?;
     }
