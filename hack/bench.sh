@@ -14,3 +14,5 @@ export PONTOON_BIN
 cargo bench -q --bench cni -- "$@"
 # The node agent with 5,000 Nodes in the stand-in API server (500 with --quick).
 cargo bench -q --bench agent_scale -- "$@"
+# Pod-to-pod throughput and latency over the VXLAN overlay vs a direct route.
+cargo bench -q --bench overlay -- "$@"

@@ -230,6 +230,21 @@ enum Cmd {
         /// Reconcile once and exit.
         #[arg(long)]
         once: bool,
+        /// How other nodes' pods are reached: `auto` (a direct route to a node on a subnet of
+        /// this node, VXLAN to the others), `direct` (routes via InternalIPs only) or `vxlan`.
+        #[arg(long, env = "PONTOON_ROUTING", default_value = "auto")]
+        routing: crate::agent::overlay::Routing,
+        /// The VXLAN UDP port (8472, the Linux and flannel default; 4789 is the IANA port).
+        /// The same on every node.
+        #[arg(long, env = "PONTOON_VXLAN_PORT", default_value_t = 8472)]
+        vxlan_port: u16,
+        /// The VXLAN network identifier. The same on every node.
+        #[arg(long, env = "PONTOON_VXLAN_VNI", default_value_t = 1)]
+        vxlan_vni: u32,
+        /// `false` turns the VXLAN devices' transmit checksum offload off (kernels before 5.7
+        /// can corrupt encapsulated packets' checksums with some NICs).
+        #[arg(long, env = "PONTOON_VXLAN_CHECKSUM_OFFLOAD", default_value_t = true, action = clap::ArgAction::Set)]
+        vxlan_checksum_offload: bool,
     },
     /// Per pontoon network: pool size, used, free, stale, and every allocation with its owner,
     /// host veth and state.
@@ -472,7 +487,16 @@ fn run_operator(cli: Cli) -> Result<i32> {
             interval,
             listen,
             once,
+            routing,
+            vxlan_port,
+            vxlan_vni,
+            vxlan_checksum_offload,
         } => {
+            if vxlan_vni == 0 || vxlan_vni > 0xff_ffff {
+                return Err(Error::config(format!(
+                    "--vxlan-vni {vxlan_vni} is out of range 1-16777215"
+                )));
+            }
             let source: Box<dyn crate::agent::NodeSource> = match nodes_file {
                 Some(f) => Box::new(crate::agent::StaticFile::new(f)),
                 None => crate::agent::kube_source(kubeconfig)?,
@@ -490,6 +514,12 @@ fn run_operator(cli: Cli) -> Result<i32> {
                     })?),
                 },
                 once,
+                overlay: crate::agent::overlay::Overlay {
+                    routing,
+                    port: vxlan_port,
+                    vni: vxlan_vni,
+                    checksum_offload: vxlan_checksum_offload,
+                },
             };
             crate::agent::run(opts, source)
         }

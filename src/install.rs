@@ -199,8 +199,9 @@ fn is_pontoon_conflist(path: &Path) -> bool {
 }
 
 /// Removes what pontoon put on this node: the conflist (first: no new pod gets pontoon), and,
-/// once no pod is attached (or with `force`), the routes to other nodes (protocol 201),
-/// pontoon's firewall state (table `inet pontoon`, the iptables chains of the network), the
+/// once no pod is attached (or with `force`), the routes to other nodes (protocol 201), the
+/// overlay devices, pontoon's firewall state (tables `inet pontoon` and `bridge pontoon`, the
+/// iptables chains of the network), the
 /// IPAM state of the network, the bridge if it has no port left, and the binaries (pontoon, and
 /// `loopback` when it is pontoon). While pods are attached, the rest stays so that they keep
 /// working and their DEL still finds the plugin. Returns what it did, one line each.
@@ -249,12 +250,27 @@ pub fn uninstall(spec: &Spec, force: bool) -> Result<Vec<String>> {
         }
     }
     done.push(format!("removed {routes} route(s) of protocol 201"));
+    for v4 in [true, false] {
+        let name = crate::agent::overlay::device_name(v4);
+        if nl.del_link_by_name(name)? {
+            done.push(format!("removed the overlay device {name}"));
+        }
+    }
     let mut conn = crate::nft::Conn::new()?;
-    if conn.has_table(crate::nft::NFPROTO_INET, crate::masquerade::nftables::TABLE)? {
-        let mut b = crate::nft::Batch::new();
-        b.del_table(crate::nft::NFPROTO_INET, crate::masquerade::nftables::TABLE);
-        conn.commit(&b)?;
-        done.push("removed nftables table inet pontoon".into());
+    for (family, table, label) in [
+        (
+            crate::nft::NFPROTO_INET,
+            crate::masquerade::nftables::TABLE,
+            "inet",
+        ),
+        (crate::nft::NFPROTO_BRIDGE, crate::macspoof::TABLE, "bridge"),
+    ] {
+        if conn.has_table(family, table)? {
+            let mut b = crate::nft::Batch::new();
+            b.del_table(family, table);
+            conn.commit(&b)?;
+            done.push(format!("removed nftables table {label} {table}"));
+        }
     }
     drop(conn);
     if crate::masquerade::find_binary("iptables-restore").is_some() {

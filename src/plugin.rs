@@ -332,6 +332,7 @@ fn attach(
             scope: r.scope,
             mtu: r.mtu,
             advmss: r.advmss,
+            onlink: false,
         })
         .collect();
     let host_name = dataplane::host_veth_name(&env.container_id, &env.ifname);

@@ -64,30 +64,6 @@ fn routes(ns: &str) -> String {
     String::from_utf8_lossy(&exec(ns, &["ip", "route", "show", "proto", "201"]).stdout).into_owned()
 }
 
-/// Runs the plugin in node `ns` with the conflist the agent wrote there.
-fn add_pod(node_dir: &Path, ns: &str, cid: &str, pod: &str) -> Value {
-    let list: Value =
-        serde_json::from_slice(&std::fs::read(node_dir.join("net.d/10-pontoon.conflist")).unwrap())
-            .unwrap();
-    let mut conf = list["plugins"][0].clone();
-    conf["name"] = list["name"].clone();
-    conf["cniVersion"] = list["cniVersion"].clone();
-    let netns = format!("/var/run/netns/{pod}");
-    let env = [
-        ("CNI_CONTAINERID", cid),
-        ("CNI_NETNS", netns.as_str()),
-        ("CNI_IFNAME", "eth0"),
-    ];
-    cni_exec(
-        ns,
-        &node_dir.join("bin/pontoon"),
-        "ADD",
-        &env,
-        conf.to_string().as_bytes(),
-    )
-    .ok()
-}
-
 #[test]
 fn three_nodes_route_pods_to_each_other_and_follow_node_changes() {
     if !require_root() {
@@ -190,7 +166,7 @@ fn three_nodes_route_pods_to_each_other_and_follow_node_changes() {
             let pod = format!("{prefix}-{n}p{k}");
             run_ok(&["ip", "netns", "add", &pod]);
             cl.namespaces.push(pod.clone());
-            let r = add_pod(
+            let r = add_pod_with_conflist(
                 &dir.join(n),
                 &format!("{prefix}-{n}"),
                 &format!("{n}-c{k}"),

@@ -265,6 +265,10 @@ fn the_manifest_is_a_valid_daemonset_with_what_it_needs_and_no_more() {
     let rules = role.unwrap().rules.unwrap();
     assert_eq!(rules[0].resources.as_ref().unwrap(), &["nodes"]);
     assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
+    // Its own VTEP MACs, through the status subresource only: no write to any Node's spec.
+    assert_eq!(rules[1].resources.as_ref().unwrap(), &["nodes/status"]);
+    assert_eq!(rules[1].verbs, ["patch"]);
+    assert_eq!(rules.len(), 2);
     let ds = ds.unwrap();
     assert_eq!(ds.metadata.namespace.as_deref(), Some("kube-system"));
     let spec = ds.spec.unwrap();

@@ -256,12 +256,21 @@ pub async fn steps(
         ok,
         "the route to the peer node is in place and /readyz answers 200",
     );
+    // Its VTEP MAC on its own Node, through the status subresource.
+    let own_status = format!("PATCH /api/v1/nodes/{NODE}/status");
+    let published = wait_until(Duration::from_secs(10), || {
+        api.requests().iter().any(|q| q.starts_with(&own_status))
+    })
+    .await;
     let reqs = api.requests();
-    let granted = reqs.iter().all(|q| q.starts_with("GET /api/v1/nodes"));
+    let granted = reqs
+        .iter()
+        .all(|q| q.starts_with("GET /api/v1/nodes") || q.starts_with(&own_status));
     r.check(
-        granted && !reqs.is_empty(),
+        published && granted && !reqs.is_empty(),
         &format!(
-            "the agent used only what its ClusterRole grants (get/list/watch nodes): {} requests",
+            "the agent used only what its ClusterRole grants (get/list/watch nodes, patch its \
+             own nodes/status): {} requests",
             reqs.len()
         ),
     );
@@ -422,6 +431,7 @@ pub async fn steps(
         && !bin_dir.join("loopback").exists()
         && !table.status.success()
         && sh_ok(&["ip", "-n", &node, "route", "show", "proto", "201"]).is_empty()
+        && !sh(&["ip", "-n", &node, "link", "show", "pontoon.vxlan"]).status.success()
         && !pool.exists();
     r.check(
         clean,

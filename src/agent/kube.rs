@@ -25,6 +25,8 @@ struct State {
     generation: u64,
     /// Told of every change, once the agent subscribed.
     wake: Option<std::sync::mpsc::Sender<super::Wake>>,
+    /// The API client, once built (for this node's annotations).
+    client: Option<Client>,
 }
 
 impl State {
@@ -40,6 +42,8 @@ pub struct KubeNodes {
     shared: Arc<(Mutex<State>, Condvar)>,
     seen: u64,
     describe: String,
+    /// The watch thread's runtime, which also runs this node's patches.
+    runtime: tokio::runtime::Handle,
 }
 
 fn info(node: &Node) -> Option<NodeInfo> {
@@ -79,6 +83,7 @@ async fn watch(kubeconfig: Option<PathBuf>, shared: Arc<(Mutex<State>, Condvar)>
             }
         }
     };
+    shared.0.lock().unwrap().client = Some(client.clone());
     let api: Api<Node> = Api::all(client);
     let mut events = watcher(api, watcher::Config::default())
         .default_backoff()
@@ -139,6 +144,7 @@ impl KubeNodes {
             .enable_all()
             .build()
             .map_err(|e| Error::io("cannot start the watch runtime", e))?;
+        let runtime = rt.handle().clone();
         std::thread::Builder::new()
             .name("node-watch".into())
             .spawn(move || rt.block_on(watch(kubeconfig, bg)))
@@ -147,6 +153,7 @@ impl KubeNodes {
             shared,
             seen: 0,
             describe,
+            runtime,
         })
     }
 }
@@ -182,6 +189,50 @@ impl NodeSource for KubeNodes {
             let _ = wake.send(super::Wake::Nodes);
         }
         st.wake = Some(wake);
+    }
+
+    /// A JSON merge patch of the Node's annotations (`null` removes one) through the status
+    /// subresource, as flannel does: the agent's ClusterRole grants `patch` on `nodes/status`
+    /// only, which cannot touch a Node's spec (pod CIDRs, taints, unschedulable).
+    fn publish(
+        &mut self,
+        name: &str,
+        annotations: &BTreeMap<String, Option<String>>,
+    ) -> Result<bool> {
+        let client = self
+            .shared
+            .0
+            .lock()
+            .unwrap()
+            .client
+            .clone()
+            .ok_or_else(|| Error::TryAgainLater("not connected to the API server yet".into()))?;
+        let api: Api<Node> = Api::all(client);
+        let patch = serde_json::json!({"metadata": {"annotations": annotations}});
+        let node = name.to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.runtime.spawn(async move {
+            let r = api
+                .patch_status(
+                    &node,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            let _ = tx.send(r);
+        });
+        match rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(Ok(())) => Ok(true),
+            Ok(Err(e)) => Err(Error::NotAvailable(format!(
+                "cannot annotate Node {name}: {e} (the agent's ClusterRole must allow patch on \
+                 nodes/status)"
+            ))),
+            Err(_) => Err(Error::TryAgainLater(format!(
+                "annotating Node {name} took more than 15 s"
+            ))),
+        }
     }
 
     fn describe(&self) -> String {

@@ -22,6 +22,7 @@ pub mod http;
 pub mod kube;
 pub mod metrics;
 pub mod nodes;
+pub mod overlay;
 pub mod routes;
 
 use std::collections::BTreeMap;
@@ -55,6 +56,8 @@ pub struct Options {
     pub listen: Option<SocketAddr>,
     /// One pass, then exit (for init containers and tests).
     pub once: bool,
+    /// How other nodes' pods are reached.
+    pub overlay: overlay::Overlay,
 }
 
 /// What wakes the loop.
@@ -91,29 +94,12 @@ pub struct Pass {
     pub installed: install::Changes,
     pub healed: bool,
     pub routes: routes::Synced,
+    /// The annotations this node's Node must carry (its VTEP MACs).
+    pub annotations: BTreeMap<String, Option<String>>,
+    pub overlay_changes: Vec<String>,
+    pub vxlan_peers: usize,
     pub reclaimed: Vec<(crate::ipam::Owner, Vec<IpAddr>)>,
     pub problems: Vec<Problem>,
-}
-
-/// The desired routes to other nodes: pod CIDR -> (that node's InternalIP of the same family,
-/// the node).
-pub fn desired_routes(me: &str, nodes: &[NodeInfo]) -> routes::Want {
-    let mut out = BTreeMap::new();
-    for n in nodes.iter().filter(|n| n.name != me) {
-        for cidr in &n.pod_cidrs {
-            if let Some(ip) = n
-                .internal_ips
-                .iter()
-                .find(|ip| ip.is_ipv4() == cidr.is_ipv4())
-            {
-                out.insert(
-                    IpNetwork::new(cidr.network(), cidr.prefix()).unwrap(),
-                    (*ip, n.name.clone()),
-                );
-            }
-        }
-    }
-    out
 }
 
 /// The plugin configuration the installed conflist makes (what an ADD on this node reads).
@@ -205,8 +191,15 @@ pub fn reconcile(
         no_masq.extend(nodes.iter().flat_map(|n| n.pod_cidrs.iter().copied()));
         no_masq.extend(pod_cidrs.iter().copied());
         let mut spec = opts.install.clone();
-        spec.pod_cidrs = pod_cidrs;
+        spec.pod_cidrs = pod_cidrs.clone();
         spec.no_masquerade = masquerade::aggregate(no_masq);
+        // Pods fit in the overlay's encapsulation unless the operator set the MTU.
+        if spec.mtu.is_none() {
+            match Netlink::new().and_then(|mut nl| overlay::pod_mtu(&mut nl, &opts.overlay, me)) {
+                Ok(m) => spec.mtu = m,
+                Err(e) => pass.problems.push(Problem::new("pod MTU", "overlay", e)),
+            }
+        }
         match install::install(&spec, self_bin) {
             Ok(ch) => pass.installed = ch,
             Err(e) => pass.problems.push(Problem::new("install", "install", e)),
@@ -230,10 +223,16 @@ pub fn reconcile(
         }
         pass.problems.extend(forwarding(&spec));
     }
-    match Netlink::new()
-        .and_then(|mut nl| routes::sync(&mut nl, &desired_routes(&opts.node_name, nodes)))
-    {
-        Ok(r) => {
+    match Netlink::new().and_then(|mut nl| {
+        let o = overlay::sync(&mut nl, &opts.overlay, &opts.node_name, &pod_cidrs, nodes)?;
+        let r = routes::sync(&mut nl, &o.want)?;
+        Ok((o, r))
+    }) {
+        Ok((o, r)) => {
+            pass.problems.extend(o.problems);
+            pass.annotations = o.annotations;
+            pass.overlay_changes = o.changed;
+            pass.vxlan_peers = o.vxlan_peers;
             pass.problems.extend(r.problems.iter().cloned());
             pass.routes = r;
         }
@@ -297,6 +296,9 @@ fn log_pass(p: &Pass) {
     }
     for r in &p.routes.removed {
         log::info!("route to {r} removed (node gone)");
+    }
+    for c in &p.overlay_changes {
+        log::info!("overlay: {c}");
     }
 }
 
@@ -393,6 +395,27 @@ pub fn run(opts: Options, mut source: Box<dyn NodeSource>) -> Result<i32> {
         if let Some(nodes) = &nodes {
             let pass = reconcile(&opts, nodes, &self_bin, &shared.metrics);
             log_pass(&pass);
+            // This node's Node carries what its peers need (its VTEP MACs).
+            let mine = nodes.iter().find(|n| n.name == opts.node_name);
+            let stale: BTreeMap<String, Option<String>> = pass
+                .annotations
+                .iter()
+                .filter(|(k, v)| mine.is_some_and(|n| n.annotations.get(*k) != v.as_ref()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if !stale.is_empty() {
+                match source.publish(&opts.node_name, &stale) {
+                    Ok(true) => {
+                        let said: Vec<String> = stale
+                            .iter()
+                            .map(|(k, v)| format!("{k}={}", v.as_deref().unwrap_or("(removed)")))
+                            .collect();
+                        log::info!("annotated Node {}: {}", opts.node_name, said.join(", "))
+                    }
+                    Ok(false) => {}
+                    Err(e) => problems.push(Problem::new("node annotations", "nodes", e)),
+                }
+            }
             let m = shared.metrics.lock().unwrap();
             m.routes.set(pass.routes.owned as i64);
             if pass.healed {
@@ -498,47 +521,5 @@ pub fn spec_from(
         loopback,
         // kubelet passes hostPort mappings only to plugins declaring the capability.
         port_mappings: true,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn node(name: &str, ips: &[&str], cidrs: &[&str]) -> NodeInfo {
-        NodeInfo {
-            name: name.into(),
-            internal_ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
-            pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
-        }
-    }
-
-    #[test]
-    fn routes_per_family_to_other_nodes() {
-        let nodes = vec![
-            node(
-                "a",
-                &["192.0.2.1", "2001:db8::1"],
-                &["10.244.0.0/24", "fd00:0:0:0::/64"],
-            ),
-            node(
-                "b",
-                &["192.0.2.2", "2001:db8::2"],
-                &["10.244.1.0/24", "fd00:0:0:1::/64"],
-            ),
-            node("c", &["192.0.2.3"], &["10.244.2.0/24", "fd00:0:0:2::/64"]),
-        ];
-        let want = desired_routes("a", &nodes);
-        assert_eq!(want.len(), 3, "{want:?}");
-        assert_eq!(
-            want[&"10.244.1.0/24".parse().unwrap()].0.to_string(),
-            "192.0.2.2"
-        );
-        assert_eq!(
-            want[&"fd00:0:0:1::/64".parse().unwrap()].0.to_string(),
-            "2001:db8::2"
-        );
-        // Node c has no IPv6 address: no v6 route to it.
-        assert!(!want.contains_key(&"fd00:0:0:2::/64".parse().unwrap()));
     }
 }

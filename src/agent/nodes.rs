@@ -1,6 +1,7 @@
 //! Where the agent learns the cluster's nodes: one small trait, a static file (for tests and
 //! non-Kubernetes users) and the Kubernetes API ([`super::kube`]).
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
@@ -20,6 +21,8 @@ pub struct NodeInfo {
     pub internal_ips: Vec<IpAddr>,
     /// `spec.podCIDRs` (or `spec.podCIDR`).
     pub pod_cidrs: Vec<IpNetwork>,
+    /// Its `pontoon.dev/` annotations (what its agent publishes, e.g. its VTEP MACs).
+    pub annotations: BTreeMap<String, String>,
 }
 
 impl NodeInfo {
@@ -36,18 +39,38 @@ impl NodeInfo {
             })
             .unwrap_or_default();
         let pod_cidrs = crate::install::pod_cidrs_of_node(v).unwrap_or_default();
+        let annotations = v["metadata"]["annotations"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
         Some(NodeInfo {
             name,
             internal_ips,
             pod_cidrs,
+            annotations,
         })
     }
 }
+
+/// The prefix of the annotations pontoon's agents publish on their Node.
+pub const ANNOTATION_PREFIX: &str = "pontoon.dev/";
 
 /// A source of the cluster's nodes.
 pub trait NodeSource {
     /// The current nodes.
     fn nodes(&mut self) -> Result<Vec<NodeInfo>>;
+    /// Sets (`Some`) or removes (`None`) annotations of Node `name` (this node's own);
+    /// `false` when the source has nowhere to write them.
+    fn publish(
+        &mut self,
+        name: &str,
+        annotations: &BTreeMap<String, Option<String>>,
+    ) -> Result<bool>;
     /// From now on, sends [`Wake::Nodes`] on `wake` whenever the nodes change.
     fn subscribe(&mut self, wake: Sender<Wake>);
     fn describe(&self) -> String;
@@ -112,6 +135,12 @@ impl NodeSource for StaticFile {
                     }
                 }
             });
+    }
+
+    /// A nodes file is the operator's: it is never written. Peers read the annotations from
+    /// it when it has them, and derive the VTEP MAC from the node name when it does not.
+    fn publish(&mut self, _: &str, _: &BTreeMap<String, Option<String>>) -> Result<bool> {
+        Ok(false)
     }
 
     fn describe(&self) -> String {

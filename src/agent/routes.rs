@@ -14,8 +14,19 @@ use crate::error::Result;
 
 const MAIN_TABLE: u32 = 254;
 
-/// A route pontoon wants: destination → (gateway, the node it leads to).
-pub type Want = BTreeMap<IpNetwork, (IpAddr, String)>;
+/// How to reach one destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    pub gw: IpAddr,
+    /// The overlay device, for a hop over it (the gateway is then onlink on it); `None` for a
+    /// direct route via a node's InternalIP.
+    pub dev: Option<u32>,
+    /// The node it leads to.
+    pub node: String,
+}
+
+/// The routes pontoon wants: destination → hop.
+pub type Want = BTreeMap<IpNetwork, Hop>;
 
 /// What one pass did.
 #[derive(Debug, Default)]
@@ -27,24 +38,25 @@ pub struct Synced {
     pub problems: Vec<Problem>,
 }
 
-fn spec(dst: IpNetwork, gw: Option<IpAddr>) -> RouteSpec {
+fn spec(dst: IpNetwork, gw: Option<IpAddr>, dev: Option<u32>) -> RouteSpec {
     RouteSpec {
         protocol: Some(RTPROT_PONTOON),
         dst,
         gw,
-        oif: None,
+        oif: dev,
         priority: None,
         table: None,
         scope: None,
         mtu: None,
         advmss: None,
+        onlink: dev.is_some(),
     }
 }
 
 /// Makes the routes of protocol [`RTPROT_PONTOON`] in the main table equal `want`, where no
 /// foreign route stands in the way.
 pub fn sync(nl: &mut Netlink, want: &Want) -> Result<Synced> {
-    let mut ours: BTreeMap<IpNetwork, Option<IpAddr>> = BTreeMap::new();
+    let mut ours: BTreeMap<IpNetwork, (Option<IpAddr>, Option<u32>)> = BTreeMap::new();
     let mut foreign: BTreeMap<IpNetwork, (u8, Option<IpAddr>)> = BTreeMap::new();
     for v4 in [true, false] {
         for r in nl.routes(v4)? {
@@ -53,7 +65,7 @@ pub fn sync(nl: &mut Netlink, want: &Want) -> Result<Synced> {
             }
             match r.protocol {
                 Some(RTPROT_PONTOON) => {
-                    ours.insert(r.dst, r.gw);
+                    ours.insert(r.dst, (r.gw, r.oif));
                 }
                 p => {
                     foreign.entry(r.dst).or_insert((p.unwrap_or(0), r.gw));
@@ -63,7 +75,8 @@ pub fn sync(nl: &mut Netlink, want: &Want) -> Result<Synced> {
     }
     let mut out = Synced::default();
     let mut ops: Vec<(RouteOp, RouteSpec, String, String)> = Vec::new(); // op, spec, item, node
-    for (dst, (gw, node)) in want {
+    for (dst, hop) in want {
+        let (gw, node) = (&hop.gw, &hop.node);
         let item = format!("route {dst}");
         if let Some((proto, fgw)) = foreign.get(dst) {
             out.problems.push(Problem {
@@ -78,17 +91,20 @@ pub fn sync(nl: &mut Netlink, want: &Want) -> Result<Synced> {
             });
             continue;
         }
+        let s = spec(*dst, Some(*gw), hop.dev);
         match ours.get(dst) {
-            Some(Some(have)) if have == gw => out.owned += 1,
-            Some(_) => ops.push((RouteOp::Replace, spec(*dst, Some(*gw)), item, node.clone())),
-            None => ops.push((RouteOp::Add, spec(*dst, Some(*gw)), item, node.clone())),
+            Some((Some(have), oif)) if have == gw && (hop.dev.is_none() || *oif == hop.dev) => {
+                out.owned += 1
+            }
+            Some(_) => ops.push((RouteOp::Replace, s, item, node.clone())),
+            None => ops.push((RouteOp::Add, s, item, node.clone())),
         }
     }
-    for (dst, gw) in &ours {
+    for (dst, (gw, _)) in &ours {
         if !want.contains_key(dst) {
             ops.push((
                 RouteOp::Delete,
-                spec(*dst, *gw),
+                spec(*dst, *gw, None),
                 format!("route {dst} removal"),
                 String::new(),
             ));
@@ -101,7 +117,12 @@ pub fn sync(nl: &mut Netlink, want: &Want) -> Result<Synced> {
             (RouteOp::Delete, Err(e)) if e.raw_os_error() == Some(libc::ESRCH) => {}
             (_, Ok(())) => {
                 out.owned += 1;
-                out.added.push(format!("{} via {}", s.dst, s.gw.unwrap()));
+                out.added.push(format!(
+                    "{} via {}{}",
+                    s.dst,
+                    s.gw.unwrap(),
+                    if s.onlink { " (overlay)" } else { "" }
+                ));
             }
             (RouteOp::Delete, Err(e)) => out.problems.push(Problem {
                 item,

@@ -4,6 +4,7 @@
 pub mod netlink;
 pub mod sysctl;
 pub mod tc;
+pub mod vxlan;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};

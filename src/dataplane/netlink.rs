@@ -113,6 +113,8 @@ pub struct RouteSpec {
     pub scope: Option<u8>,
     pub mtu: Option<u32>,
     pub advmss: Option<u32>,
+    /// The gateway is on the link `oif` whatever the link's addresses say (an overlay hop).
+    pub onlink: bool,
 }
 
 /// What [`Netlink::route_batch`] does with one route.
@@ -183,7 +185,7 @@ impl Netlink {
     /// Sends one request and collects its replies. A dump the kernel reports as interrupted
     /// by a concurrent change is retried; with `lenient`, the last (possibly inconsistent)
     /// dump is returned when every retry was interrupted.
-    fn request_inner(
+    pub(super) fn request_inner(
         &mut self,
         msg: RouteNetlinkMessage,
         flags: u16,
@@ -257,7 +259,7 @@ impl Netlink {
         ))
     }
 
-    fn ack(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
+    pub(super) fn ack(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
         self.request(msg, flags | NLM_F_ACK).map(|_| ())
     }
 
@@ -391,7 +393,7 @@ impl Netlink {
     }
 
     /// Sets flags and attributes of a link by index.
-    fn set_link(
+    pub(super) fn set_link(
         &mut self,
         index: u32,
         up: Option<bool>,
@@ -618,9 +620,18 @@ impl Netlink {
     // ---- addresses ----
 
     pub fn addrs(&mut self, index: u32, fam: Option<AddressFamily>) -> Result<Vec<Addr>> {
+        self.addrs_of(Some(index), fam)
+    }
+
+    /// Every address of the namespace.
+    pub fn all_addrs(&mut self) -> Result<Vec<Addr>> {
+        self.addrs_of(None, None)
+    }
+
+    fn addrs_of(&mut self, only: Option<u32>, fam: Option<AddressFamily>) -> Result<Vec<Addr>> {
         let mut m = AddressMessage::default();
         m.header.family = fam.unwrap_or(AddressFamily::Unspec);
-        m.header.index = index;
+        m.header.index = only.unwrap_or(0);
         let replies = self
             .request(RouteNetlinkMessage::GetAddress(m), NLM_F_DUMP)
             .map_err(|e| Error::netlink("cannot list addresses", e))?;
@@ -629,7 +640,8 @@ impl Netlink {
             let RouteNetlinkMessage::NewAddress(a) = r else {
                 continue;
             };
-            if a.header.index != index {
+            let index = a.header.index;
+            if only.is_some_and(|i| i != index) {
                 continue;
             }
             let mut ip = None;
@@ -729,6 +741,9 @@ impl Netlink {
         }
         if let Some(oif) = r.oif {
             m.attributes.push(RouteAttribute::Oif(oif));
+        }
+        if r.onlink {
+            m.header.flags |= netlink_packet_route::route::RouteFlags::Onlink;
         }
         if let Some(p) = r.priority {
             m.attributes.push(RouteAttribute::Priority(p));
@@ -919,6 +934,10 @@ impl Netlink {
                 scope: Some(u8::from(m.header.scope)),
                 mtu: None,
                 advmss: None,
+                onlink: m
+                    .header
+                    .flags
+                    .contains(netlink_packet_route::route::RouteFlags::Onlink),
             });
         }
         Ok(out)

@@ -652,3 +652,40 @@ pub fn run_list(
     }
     Ok(prev.unwrap_or(Value::Null))
 }
+
+/// Runs the plugin (ADD, `eth0`) in node namespace `node_ns` with the conflist an agent wrote
+/// under `node_dir` (`net.d/10-pontoon.conflist`, the binary in `bin/`), as a runtime would.
+pub fn add_pod_with_conflist(node_dir: &Path, node_ns: &str, cid: &str, pod: &str) -> Value {
+    let list: Value =
+        serde_json::from_slice(&std::fs::read(node_dir.join("net.d/10-pontoon.conflist")).unwrap())
+            .unwrap();
+    let mut conf = list["plugins"][0].clone();
+    conf["name"] = list["name"].clone();
+    conf["cniVersion"] = list["cniVersion"].clone();
+    let netns = format!("/var/run/netns/{pod}");
+    let env = [
+        ("CNI_CONTAINERID", cid),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    cni_exec(
+        node_ns,
+        &node_dir.join("bin/pontoon"),
+        "ADD",
+        &env,
+        conf.to_string().as_bytes(),
+    )
+    .ok()
+}
+
+/// Spawns `cmd` (stdout piped) and waits for its first line to be `ready`.
+pub fn spawn_ready(cmd: &mut Command, what: &str) -> Child {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready", "{what} did not start");
+    child
+}

@@ -7,7 +7,8 @@ pontoon's agent uses, the way the real API server does (checked with kubectl in 
 - nodes (cluster), namespaces (cluster), pods and networkpolicies (namespaced, and across all
   namespaces): list (limit/continue pagination, labelSelector equality), get, watch (from a
   resourceVersion, with bookmarks and timeoutSeconds), create (POST), replace (PUT), patch
-  (merge and strategic-merge patches of plain objects), delete.
+  (merge and strategic-merge patches of plain objects; of nodes/<name>/status and
+  pods/<ns>/<name>/status too, which change metadata and status but never spec), delete.
 
 State: the objects of the JSON file given (a list of objects, or {"items": [...]}), kept in
 memory. Every request is appended to `<state dir>/requests.log` as "METHOD PATH" so tests can
@@ -168,6 +169,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             # cluster-scoped Namespace resource itself.
             if len(rest) >= 3 and rest[0] == "namespaces":
                 ns, rest = rest[1], rest[2:]
+            # <plural>/<name>/status is the status subresource (see do_PATCH).
+            self.sub = None
+            if len(rest) == 3 and rest[2] == "status":
+                self.sub, rest = "status", rest[:2]
             if not rest or len(rest) > 2 or rest[0] not in RESOURCES:
                 return None
             plural = rest[0]
@@ -207,6 +212,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                     "shortNames": short,
                                     "kind": kind, "verbs": ["create", "delete", "get", "list", "patch",
                                                             "update", "watch"]})
+                        if p in ("nodes", "pods"):
+                            res.append({"name": p + "/status", "singularName": "", "namespaced": namespaced,
+                                        "kind": kind, "verbs": ["get", "patch", "update"]})
                 return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": res}
         return None
 
@@ -287,7 +295,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.body()
             return
         r = self.route()
-        if r is None or r[2] is not None:
+        if r is None or r[2] is not None or self.sub:
             return self.reply(*status(404, "NotFound", "not found"))
         plural, ns, _, _ = r
         obj = self.body()
@@ -308,8 +316,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         plural, ns, name, _ = r
         obj = self.body()
         with lock:
-            if (plural, ns or "", name) not in objects:
+            old = objects.get((plural, ns or "", name))
+            if old is None:
                 return self.reply(*status(404, "NotFound", "not found"))
+            keep = "spec" if self.sub == "status" else "status"
+            obj.pop(keep, None)
+            if keep in old:
+                obj[keep] = old[keep]
             store(plural, obj, "MODIFIED")
             self.reply(200, obj)
 
@@ -325,7 +338,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             k = (plural, ns or "", name)
             if k not in objects:
                 return self.reply(*status(404, "NotFound", '%s "%s" not found' % (plural, name)))
-            obj = merge(json.loads(json.dumps(objects[k])), patch)
+            old = objects[k]
+            obj = merge(json.loads(json.dumps(old)), patch)
+            # As the real server: a patch of the object leaves its status alone, a patch of
+            # the status subresource leaves its spec alone (metadata changes apply to both).
+            keep = "spec" if self.sub == "status" else "status"
+            obj.pop(keep, None)
+            if keep in old:
+                obj[keep] = old[keep]
             store(plural, obj, "MODIFIED")
             self.reply(200, obj)
 
@@ -333,7 +353,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.authorized():
             return
         r = self.route()
-        if r is None or r[2] is None:
+        if r is None or r[2] is None or self.sub:
             return self.reply(*status(404, "NotFound", "not found"))
         plural, ns, name, _ = r
         self.body()  # DeleteOptions; read so the connection stays usable
