@@ -16,3 +16,6 @@ cargo bench -q --bench cni -- "$@"
 cargo bench -q --bench agent_scale -- "$@"
 # Pod-to-pod throughput and latency over the VXLAN overlay vs a direct route.
 cargo bench -q --bench overlay -- "$@"
+# NetworkPolicy at 1,000 pods and 200 policies: change-to-enforcement latency, RSS,
+# throughput and ADD latency with and without policies.
+cargo bench -q --bench netpol -- "$@"

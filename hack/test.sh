@@ -28,6 +28,7 @@ export PONTOON_BIN
 cargo bench -q --bench cni -- --quick --out target/bench-smoke.json
 cargo bench -q --bench agent_scale -- --quick
 cargo bench -q --bench overlay -- --quick
+cargo bench -q --bench netpol -- --quick
 
 echo "== containerd CRI end-to-end tier"
 bash hack/e2e-containerd.sh

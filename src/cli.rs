@@ -245,6 +245,10 @@ enum Cmd {
         /// can corrupt encapsulated packets' checksums with some NICs).
         #[arg(long, env = "PONTOON_VXLAN_CHECKSUM_OFFLOAD", default_value_t = true, action = clap::ArgAction::Set)]
         vxlan_checksum_offload: bool,
+        /// Enforce Kubernetes NetworkPolicy (table `inet pontoon_policy`; needs the Kubernetes
+        /// node source). `false` for clusters with another enforcer: the table is removed.
+        #[arg(long, env = "PONTOON_NETWORK_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
+        network_policy: bool,
     },
     /// Per pontoon network: pool size, used, free, stale, and every allocation with its owner,
     /// host veth and state.
@@ -491,6 +495,7 @@ fn run_operator(cli: Cli) -> Result<i32> {
             vxlan_port,
             vxlan_vni,
             vxlan_checksum_offload,
+            network_policy,
         } => {
             if vxlan_vni == 0 || vxlan_vni > 0xff_ffff {
                 return Err(Error::config(format!(
@@ -499,7 +504,7 @@ fn run_operator(cli: Cli) -> Result<i32> {
             }
             let source: Box<dyn crate::agent::NodeSource> = match nodes_file {
                 Some(f) => Box::new(crate::agent::StaticFile::new(f)),
-                None => crate::agent::kube_source(kubeconfig)?,
+                None => crate::agent::kube_source(kubeconfig, network_policy)?,
             };
             let opts = crate::agent::Options {
                 node_name,
@@ -520,6 +525,7 @@ fn run_operator(cli: Cli) -> Result<i32> {
                     vni: vxlan_vni,
                     checksum_offload: vxlan_checksum_offload,
                 },
+                network_policy,
             };
             crate::agent::run(opts, source)
         }

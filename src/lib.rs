@@ -17,5 +17,6 @@ pub mod masquerade;
 pub mod netns;
 pub mod nft;
 pub mod plugin;
+pub mod policy;
 pub mod portmap;
 pub mod reaper;

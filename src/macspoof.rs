@@ -32,6 +32,7 @@ fn base() -> (SetSpec, Chain) {
             key_type: nft::types::IFNAME,
             key_len: 16,
             data: Some((nft::NFT_DATA_VERDICT, 0)),
+            fields: vec![],
         },
         Chain {
             name: BASE.into(),

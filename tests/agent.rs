@@ -359,16 +359,28 @@ fn kubernetes_discovery_lists_and_watches_nodes() {
     )
     .unwrap();
     assert_eq!(agent.wait().unwrap().code(), Some(0));
-    // The agent asked for nothing but what its ClusterRole grants: get/list/watch nodes.
-    let (mine, kubectl): (Vec<String>, Vec<String>) = api
-        .requests()
-        .into_iter()
-        .partition(|r| r.starts_with("GET /api/v1/nodes?"));
-    assert!(!mine.is_empty());
+    // The agent asked for nothing but what its ClusterRole grants: get/list/watch nodes,
+    // pods, namespaces and networkpolicies, and a patch of its own Node's status.
+    let agent_get = [
+        "GET /api/v1/nodes?",
+        "GET /api/v1/pods?",
+        "GET /api/v1/namespaces?",
+        "GET /apis/networking.k8s.io/v1/networkpolicies?",
+    ];
+    let (mine, kubectl): (Vec<String>, Vec<String>) = api.requests().into_iter().partition(|r| {
+        agent_get.iter().any(|p| r.starts_with(p)) || r.starts_with("PATCH /api/v1/nodes/me/status")
+    });
+    for p in agent_get {
+        assert!(mine.iter().any(|r| r.starts_with(p)), "no {p} in {mine:?}");
+    }
     for r in kubectl {
-        // kubectl's own requests in this test (discovery, get, create, delete).
+        // kubectl's own requests in this test (discovery, create, delete of nodes).
         assert!(
-            r.starts_with("GET /api") || r.contains("/api/v1/nodes"),
+            r.starts_with("GET /api")
+                || r.starts_with("GET /version")
+                || r.starts_with("POST /api/v1/nodes")
+                || r.starts_with("DELETE /api/v1/nodes/")
+                || r.starts_with("GET /api/v1/nodes/"),
             "unexpected request {r}"
         );
     }

@@ -268,7 +268,19 @@ fn the_manifest_is_a_valid_daemonset_with_what_it_needs_and_no_more() {
     // Its own VTEP MACs, through the status subresource only: no write to any Node's spec.
     assert_eq!(rules[1].resources.as_ref().unwrap(), &["nodes/status"]);
     assert_eq!(rules[1].verbs, ["patch"]);
-    assert_eq!(rules.len(), 2);
+    // NetworkPolicy: read-only access to what policies select.
+    assert_eq!(
+        rules[2].resources.as_ref().unwrap(),
+        &["pods", "namespaces"]
+    );
+    assert_eq!(rules[2].verbs, ["get", "list", "watch"]);
+    assert_eq!(
+        rules[3].api_groups.as_ref().unwrap(),
+        &["networking.k8s.io"]
+    );
+    assert_eq!(rules[3].resources.as_ref().unwrap(), &["networkpolicies"]);
+    assert_eq!(rules[3].verbs, ["get", "list", "watch"]);
+    assert_eq!(rules.len(), 4);
     let ds = ds.unwrap();
     assert_eq!(ds.metadata.namespace.as_deref(), Some("kube-system"));
     let spec = ds.spec.unwrap();

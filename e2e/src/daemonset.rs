@@ -263,14 +263,22 @@ pub async fn steps(
     })
     .await;
     let reqs = api.requests();
-    let granted = reqs
+    let granted = reqs.iter().all(|q| {
+        [
+            "GET /api/v1/nodes",
+            "GET /api/v1/pods",
+            "GET /api/v1/namespaces",
+            "GET /apis/networking.k8s.io/v1/networkpolicies",
+        ]
         .iter()
-        .all(|q| q.starts_with("GET /api/v1/nodes") || q.starts_with(&own_status));
+        .any(|p| q.starts_with(p))
+            || q.starts_with(&own_status)
+    });
     r.check(
         published && granted && !reqs.is_empty(),
         &format!(
-            "the agent used only what its ClusterRole grants (get/list/watch nodes, patch its \
-             own nodes/status): {} requests",
+            "the agent used only what its ClusterRole grants (get/list/watch nodes, pods, \
+             namespaces and networkpolicies, patch its own nodes/status): {} requests",
             reqs.len()
         ),
     );

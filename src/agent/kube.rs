@@ -40,6 +40,8 @@ impl State {
 
 pub struct KubeNodes {
     shared: Arc<(Mutex<State>, Condvar)>,
+    /// Pods, namespaces and policies, when NetworkPolicy is enforced.
+    policy: Option<super::policy_watch::Shared>,
     seen: u64,
     describe: String,
     /// The watch thread's runtime, which also runs this node's patches.
@@ -66,7 +68,11 @@ async fn client(kubeconfig: Option<PathBuf>) -> std::result::Result<Client, Stri
     Client::try_from(config).map_err(|e| format!("cannot build the Kubernetes client: {e}"))
 }
 
-async fn watch(kubeconfig: Option<PathBuf>, shared: Arc<(Mutex<State>, Condvar)>) {
+async fn watch(
+    kubeconfig: Option<PathBuf>,
+    shared: Arc<(Mutex<State>, Condvar)>,
+    policy: Option<super::policy_watch::Shared>,
+) {
     let set_error = |e: String| {
         let (m, cv) = &*shared;
         let mut st = m.lock().unwrap();
@@ -84,6 +90,9 @@ async fn watch(kubeconfig: Option<PathBuf>, shared: Arc<(Mutex<State>, Condvar)>
         }
     };
     shared.0.lock().unwrap().client = Some(client.clone());
+    if let Some(p) = policy {
+        super::policy_watch::spawn(client.clone(), p);
+    }
     let api: Api<Node> = Api::all(client);
     let mut events = watcher(api, watcher::Config::default())
         .default_backoff()
@@ -132,8 +141,9 @@ async fn watch(kubeconfig: Option<PathBuf>, shared: Arc<(Mutex<State>, Condvar)>
 }
 
 impl KubeNodes {
-    /// Starts watching Nodes in the background.
-    pub fn start(kubeconfig: Option<PathBuf>) -> Result<KubeNodes> {
+    /// Starts watching Nodes in the background (and Pods, Namespaces and NetworkPolicies with
+    /// `network_policy`).
+    pub fn start(kubeconfig: Option<PathBuf>, network_policy: bool) -> Result<KubeNodes> {
         let describe = match &kubeconfig {
             Some(p) => format!("Kubernetes nodes via {}", p.display()),
             None => "Kubernetes nodes (in-cluster config or default kubeconfig)".into(),
@@ -145,12 +155,15 @@ impl KubeNodes {
             .build()
             .map_err(|e| Error::io("cannot start the watch runtime", e))?;
         let runtime = rt.handle().clone();
+        let policy = network_policy.then(super::policy_watch::Shared::default);
+        let pbg = policy.clone();
         std::thread::Builder::new()
             .name("node-watch".into())
-            .spawn(move || rt.block_on(watch(kubeconfig, bg)))
+            .spawn(move || rt.block_on(watch(kubeconfig, bg, pbg)))
             .map_err(|e| Error::io("cannot start the node watch thread", e))?;
         Ok(KubeNodes {
             shared,
+            policy,
             seen: 0,
             describe,
             runtime,
@@ -182,7 +195,24 @@ impl NodeSource for KubeNodes {
         Ok(st.nodes.values().cloned().collect())
     }
 
+    fn policy_cluster(&mut self) -> Option<Result<crate::policy::Cluster>> {
+        let st = self.policy.as_ref()?.lock().unwrap();
+        if st.synced.iter().all(|s| *s) {
+            return Some(Ok(st.cluster.clone()));
+        }
+        Some(Err(Error::TryAgainLater(format!(
+            "no complete list of pods, namespaces and network policies yet{}",
+            st.last_error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ))))
+    }
+
     fn subscribe(&mut self, wake: std::sync::mpsc::Sender<super::Wake>) {
+        if let Some(p) = &self.policy {
+            p.lock().unwrap().wake = Some(wake.clone());
+        }
         let (m, _) = &*self.shared;
         let mut st = m.lock().unwrap();
         if st.generation != self.seen {

@@ -23,6 +23,8 @@ pub mod kube;
 pub mod metrics;
 pub mod nodes;
 pub mod overlay;
+#[cfg(feature = "kube")]
+pub mod policy_watch;
 pub mod routes;
 
 use std::collections::BTreeMap;
@@ -58,6 +60,8 @@ pub struct Options {
     pub once: bool,
     /// How other nodes' pods are reached.
     pub overlay: overlay::Overlay,
+    /// Enforce NetworkPolicy (with the Kubernetes node source).
+    pub network_policy: bool,
 }
 
 /// What wakes the loop.
@@ -302,6 +306,43 @@ fn log_pass(p: &Pass) {
     }
 }
 
+/// Compiles the cluster's NetworkPolicies for this node's pods and makes the kernel enforce
+/// them (nothing when the source does not watch policies).
+fn enforce_policies(
+    enforcer: &mut crate::policy::nft::Enforcer,
+    source: &mut dyn NodeSource,
+    node: &str,
+    problems: &mut Vec<Problem>,
+) {
+    match source.policy_cluster() {
+        None => {}
+        Some(Err(e)) => problems.push(Problem::new("network policy", "policy", e)),
+        Some(Ok(cluster)) => {
+            let t = Instant::now();
+            let rules = crate::policy::compile(&cluster, node);
+            let compiled = t.elapsed();
+            match enforcer.sync(&rules) {
+                Ok(s) if s.rebuilt => log::info!(
+                    "network policy: table {} made, {} pod(s) isolated (compiled in {compiled:?}, \
+                     applied in {:?})",
+                    crate::policy::nft::TABLE,
+                    s.isolated,
+                    t.elapsed() - compiled
+                ),
+                Ok(s) if s.pods_changed > 0 => log::info!(
+                    "network policy: {} pod(s) changed, {} isolated (compiled in {compiled:?}, \
+                     applied in {:?})",
+                    s.pods_changed,
+                    s.isolated,
+                    t.elapsed() - compiled
+                ),
+                Ok(_) => {}
+                Err(e) => problems.push(Problem::new("network policy", "policy", e)),
+            }
+        }
+    }
+}
+
 /// Watches nf_tables events and sends [`Wake::Firewall`] when something removes a table,
 /// chain, rule or set of pontoon's table (a flush, a firewall reload), so the agent heals
 /// within a second rather than at its next interval.
@@ -320,10 +361,12 @@ pub fn watch_firewall(wake: Sender<Wake>) -> Result<()> {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 let removed = match sock.recv(&mut &mut buf[..], 0) {
-                    Ok(n) => crate::nft::removes_from_table(
-                        &buf[..n],
+                    Ok(n) => [
                         crate::masquerade::nftables::TABLE,
-                    ),
+                        crate::policy::nft::TABLE,
+                    ]
+                    .iter()
+                    .any(|t| crate::nft::removes_from_table(&buf[..n], t)),
                     // ENOBUFS: events were lost; assume the worst.
                     Err(_) => true,
                 };
@@ -372,6 +415,14 @@ pub fn run(opts: Options, mut source: Box<dyn NodeSource>) -> Result<i32> {
         source.describe(),
         opts.interval
     );
+    let mut enforcer = crate::policy::nft::Enforcer::default();
+    if !opts.network_policy {
+        match enforcer.remove() {
+            Ok(true) => log::info!("NetworkPolicy enforcement is off: removed its table"),
+            Ok(false) => {}
+            Err(e) => log::warn!("NetworkPolicy enforcement is off but its table stays: {e}"),
+        }
+    }
     let mut last: BTreeMap<String, String> = BTreeMap::new();
     let mut last_nodes: Option<Vec<NodeInfo>> = None;
     loop {
@@ -415,6 +466,14 @@ pub fn run(opts: Options, mut source: Box<dyn NodeSource>) -> Result<i32> {
                     Ok(false) => {}
                     Err(e) => problems.push(Problem::new("node annotations", "nodes", e)),
                 }
+            }
+            if opts.network_policy {
+                enforce_policies(
+                    &mut enforcer,
+                    source.as_mut(),
+                    &opts.node_name,
+                    &mut problems,
+                );
             }
             let m = shared.metrics.lock().unwrap();
             m.routes.set(pass.routes.owned as i64);
@@ -486,12 +545,18 @@ pub fn run(opts: Options, mut source: Box<dyn NodeSource>) -> Result<i32> {
 }
 
 /// The Kubernetes node source (watch-based; in-cluster config or a kubeconfig).
-pub fn kube_source(kubeconfig: Option<PathBuf>) -> Result<Box<dyn NodeSource>> {
+pub fn kube_source(
+    kubeconfig: Option<PathBuf>,
+    network_policy: bool,
+) -> Result<Box<dyn NodeSource>> {
     #[cfg(feature = "kube")]
-    return Ok(Box::new(kube::KubeNodes::start(kubeconfig)?));
+    return Ok(Box::new(kube::KubeNodes::start(
+        kubeconfig,
+        network_policy,
+    )?));
     #[cfg(not(feature = "kube"))]
     {
-        let _ = kubeconfig;
+        let _ = (kubeconfig, network_policy);
         Err(Error::config(
             "this pontoon was built without the kube feature: use --nodes-file",
         ))

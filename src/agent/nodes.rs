@@ -71,6 +71,11 @@ pub trait NodeSource {
         name: &str,
         annotations: &BTreeMap<String, Option<String>>,
     ) -> Result<bool>;
+    /// The cluster's pods, namespaces and NetworkPolicies, when this source watches them
+    /// (`None`: it does not; an error: not completely listed yet).
+    fn policy_cluster(&mut self) -> Option<Result<crate::policy::Cluster>> {
+        None
+    }
     /// From now on, sends [`Wake::Nodes`] on `wake` whenever the nodes change.
     fn subscribe(&mut self, wake: Sender<Wake>);
     fn describe(&self) -> String;

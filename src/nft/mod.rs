@@ -76,18 +76,24 @@ const SET_KEY_TYPE: u16 = 4;
 const SET_KEY_LEN: u16 = 5;
 const SET_DATA_TYPE: u16 = 6;
 const SET_DATA_LEN: u16 = 7;
+const SET_DESC: u16 = 9;
 const SET_ID: u16 = 10;
+const SET_DESC_CONCAT: u16 = 2;
+const SET_FIELD_LEN: u16 = 1;
 const ELEM_LIST_TABLE: u16 = 1;
 const ELEM_LIST_SET: u16 = 2;
 const ELEM_LIST_ELEMENTS: u16 = 3;
 const LIST_ELEM: u16 = 1;
 const ELEM_KEY: u16 = 1;
 const ELEM_DATA: u16 = 2;
+const ELEM_KEY_END: u16 = 10;
 const DATA_VALUE: u16 = 1;
 /// `NFTNL_UDATA_RULE_COMMENT`: how `nft` stores a rule's comment.
 const UDATA_RULE_COMMENT: u8 = 0;
 
+pub const NFT_SET_INTERVAL: u32 = 0x4;
 pub const NFT_SET_MAP: u32 = 0x8;
+pub const NFT_SET_CONCAT: u32 = 0x80;
 
 /// Netfilter hooks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +172,9 @@ pub struct SetSpec {
     pub key_len: u32,
     /// For maps: the data type and length.
     pub data: Option<(u32, u32)>,
+    /// For an interval set of a concatenation (`NFT_SET_INTERVAL | NFT_SET_CONCAT`): each
+    /// field's length in bytes (unpadded). Empty otherwise.
+    pub fields: Vec<u32>,
 }
 
 /// The data type of a verdict map.
@@ -403,6 +412,15 @@ impl Batch {
             attr_u32(&mut b, SET_DATA_TYPE, ty);
             attr_u32(&mut b, SET_DATA_LEN, len);
         }
+        if !set.fields.is_empty() {
+            nested(&mut b, SET_DESC, |d| {
+                nested(d, SET_DESC_CONCAT, |c| {
+                    for f in &set.fields {
+                        nested(c, LIST_ELEM, |e| attr_u32(e, SET_FIELD_LEN, *f));
+                    }
+                })
+            });
+        }
         attr_u32(&mut b, SET_ID, self.next_set_id);
         self.push(
             MSG_NEWSET,
@@ -433,7 +451,7 @@ impl Batch {
         (kind, flags): (u16, u16),
         family: u8,
         (table, set): (&str, &str),
-        els: impl ExactSizeIterator<Item = (&'e [u8], ElemData<'e>)>,
+        els: impl ExactSizeIterator<Item = (&'e [u8], Option<&'e [u8]>, ElemData<'e>)>,
         what: String,
     ) {
         if els.len() == 0 {
@@ -443,9 +461,12 @@ impl Batch {
         attr_str(&mut b, ELEM_LIST_TABLE, table);
         attr_str(&mut b, ELEM_LIST_SET, set);
         nested(&mut b, ELEM_LIST_ELEMENTS, |l| {
-            for (key, data) in els {
+            for (key, key_end, data) in els {
                 nested(l, LIST_ELEM, |e| {
                     nested(e, ELEM_KEY, |k| attr(k, DATA_VALUE, key));
+                    if let Some(end) = key_end {
+                        nested(e, ELEM_KEY_END, |k| attr(k, DATA_VALUE, end));
+                    }
                     match data {
                         ElemData::None => {}
                         ElemData::Value(d) => nested(e, ELEM_DATA, |k| attr(k, DATA_VALUE, d)),
@@ -472,9 +493,28 @@ impl Batch {
             els.iter().map(|(k, d)| {
                 (
                     k.as_slice(),
+                    None,
                     d.as_deref().map_or(ElemData::None, ElemData::Value),
                 )
             }),
+            format!("add elements to {set}"),
+        );
+    }
+
+    /// Adds the ranges `(first key, last key)` to an interval set of a concatenation.
+    pub fn add_range_elements(
+        &mut self,
+        family: u8,
+        table: &str,
+        set: &str,
+        els: &[(Vec<u8>, Vec<u8>)],
+    ) {
+        self.elements(
+            (MSG_NEWSETELEM, NLM_F_CREATE),
+            family,
+            (table, set),
+            els.iter()
+                .map(|(k, e)| (k.as_slice(), Some(e.as_slice()), ElemData::None)),
             format!("add elements to {set}"),
         );
     }
@@ -492,7 +532,7 @@ impl Batch {
             family,
             (table, set),
             els.iter()
-                .map(|(k, c)| (k.as_slice(), ElemData::Jump(c.as_str()))),
+                .map(|(k, c)| (k.as_slice(), None, ElemData::Jump(c.as_str()))),
             format!("add elements to {set}"),
         );
     }
@@ -503,7 +543,7 @@ impl Batch {
             (MSG_DELSETELEM, 0),
             family,
             (table, set),
-            keys.iter().map(|k| (k.as_slice(), ElemData::None)),
+            keys.iter().map(|k| (k.as_slice(), None, ElemData::None)),
             format!("delete elements of {set}"),
         );
     }
@@ -720,6 +760,15 @@ impl Conn {
             NFNL_SUBSYS_NFTABLES,
         );
         finish(&mut buf, s);
+        // A big transaction (a policy table with hundreds of pods) is one message bigger than
+        // the default socket buffers, and so are its acknowledgements: size them as nft does.
+        if buf.len() > 128 * 1024 {
+            use nix::sys::socket::{setsockopt, sockopt};
+            let want = buf.len() * 2;
+            let _ = setsockopt(&self.sock, sockopt::SndBufForce, &want);
+            let acks = (batch.msgs.len() * 64).max(1 << 20);
+            let _ = setsockopt(&self.sock, sockopt::RcvBufForce, &acks);
+        }
         self.sock
             .send(&buf, 0)
             .map_err(|e| (0, nferr("send a batch", e)))?;

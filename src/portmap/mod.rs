@@ -187,6 +187,7 @@ fn map_specs(h: &str) -> Vec<SetSpec> {
         key_type: concat(key),
         key_len,
         data: Some((concat(data), data_len)),
+        fields: vec![],
     };
     vec![
         m(

@@ -1,0 +1,396 @@
+//! NetworkPolicy at size: the stand-in API server holds 1,000 pods (100 on this node) in 20
+//! namespaces and 200 policies; one agent enforces them in a throwaway node namespace. It
+//! measures what an operator cares about: time from a policy change (the API write returning)
+//! to its enforcement in the kernel (p50/p99), the agent's peak RSS, TCP throughput between
+//! two pods on the node with the policies against none, and an ADD's latency with and without
+//! them. Prints a table and writes target/bench-netpol.json.
+//!
+//! Run as root: `cargo bench --bench netpol -- [--quick]` (hack/bench.sh runs it).
+
+#[allow(dead_code)]
+#[path = "../tests/common/standin.rs"]
+mod standin;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+fn sh(args: &[&str]) -> String {
+    let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn ip(ns: &str, cmd: &str) {
+    let mut a = vec!["ip", "-n", ns];
+    a.extend(cmd.split_whitespace());
+    sh(&a);
+}
+
+fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    t.elapsed()
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn pod(ns: usize, i: usize, node: &str, ip: &str) -> Value {
+    json!({"kind": "Pod", "apiVersion": "v1",
+        "metadata": {"namespace": format!("ns{ns}"), "name": format!("p{i}"),
+                     "labels": {"app": format!("app{}", i % 10), "tier": if i.is_multiple_of(2) { "web" } else { "db" }}},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "none",
+                 "ports": [{"name": "http", "containerPort": 8080}]}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
+}
+
+fn policy(ns: usize, k: usize) -> Value {
+    json!({"kind": "NetworkPolicy", "apiVersion": "networking.k8s.io/v1",
+        "metadata": {"namespace": format!("ns{ns}"), "name": format!("pol{k}")},
+        "spec": {"podSelector": {"matchLabels": {"app": format!("app{}", k % 10)}},
+                 "policyTypes": ["Ingress", "Egress"],
+                 "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": format!("t{}", k % 5)}}},
+                                       {"podSelector": {"matchLabels": {"tier": "web"}}},
+                                       {"ipBlock": {"cidr": "10.0.0.0/8", "except": [format!("10.{k}.0.0/16")]}}],
+                              "ports": [{"port": 80}, {"port": "http"}, {"port": 9000, "endPort": 9100}]}],
+                 "egress": [{"to": [{"namespaceSelector": {}}], "ports": [{"protocol": "UDP", "port": 53}]},
+                            {"to": [{"podSelector": {"matchLabels": {"tier": "db"}}}]}]}})
+}
+
+/// The local pods everything may reach: selected by `bench` (allow all ingress and egress).
+fn bench_policy() -> Value {
+    json!({"kind": "NetworkPolicy", "apiVersion": "networking.k8s.io/v1",
+        "metadata": {"namespace": "ns0", "name": "bench"},
+        "spec": {"podSelector": {"matchLabels": {"bench": "yes"}}, "policyTypes": ["Ingress", "Egress"],
+                 "ingress": [{}], "egress": [{}]}})
+}
+
+fn add(node: &str, bin_dir: &Path, conf: &Value, pod: &str, cmd: &str) -> (Duration, Value) {
+    let t = Instant::now();
+    let mut c = Command::new("ip")
+        .args(["netns", "exec", node])
+        .arg(bin_dir.join("pontoon"))
+        .env("CNI_COMMAND", cmd)
+        .env("CNI_CONTAINERID", pod)
+        .env("CNI_NETNS", format!("/var/run/netns/{pod}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", bin_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let o = c.wait_with_output().unwrap();
+    let took = t.elapsed();
+    assert!(
+        o.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    (
+        took,
+        serde_json::from_slice(&o.stdout).unwrap_or(Value::Null),
+    )
+}
+
+fn iperf(client: &str, server: &str, addr: &str, secs: u64) -> f64 {
+    let mut s = Command::new("ip")
+        .args(["netns", "exec", server, "iperf3", "-s", "-1", "-B", addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait("iperf3 to listen", Duration::from_secs(10), || {
+        sh(&[
+            "ip", "netns", "exec", server, "ss", "-Hltn", "sport", "= :5201",
+        ])
+        .contains("5201")
+    });
+    let o = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            client,
+            "iperf3",
+            "-J",
+            "-c",
+            addr,
+            "-t",
+            &secs.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let _ = s.kill();
+    let _ = s.wait();
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    r["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(f64::NAN)
+        / 1e9
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("the network policy benchmark needs root (it creates network namespaces)");
+        std::process::exit(1);
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let (changes, secs, adds) = if quick { (5, 2, 5) } else { (30, 5, 20) };
+    let bin = std::fs::canonicalize(
+        std::env::var("PONTOON_BIN").unwrap_or_else(|_| "target/release/pontoon".into()),
+    )
+    .expect("build pontoon first");
+    let prefix = format!("pnp{}", std::process::id());
+    let node = format!("{prefix}-node");
+    let pods = [
+        format!("{prefix}-p1"),
+        format!("{prefix}-p2"),
+        format!("{prefix}-p3"),
+    ];
+    let dir = std::env::temp_dir().join(format!("pontoon-netpol-bench-{}", std::process::id()));
+    for n in std::iter::once(&node).chain(pods.iter()) {
+        sh(&["ip", "netns", "add", n]);
+        ip(n, "link set lo up");
+    }
+    let result = std::panic::catch_unwind(|| {
+        ip(&node, "link add eth0 type veth peer name eth0p");
+        ip(&node, "addr add 192.0.2.1/24 dev eth0");
+        ip(&node, "link set eth0p up");
+        ip(&node, "link set eth0 up");
+        let mut objs = vec![
+            json!({"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n0"},
+            "spec": {"podCIDRs": ["10.244.0.0/22"]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.1"}]}}),
+        ];
+        for ns in 0..20 {
+            objs.push(json!({"kind": "Namespace", "apiVersion": "v1",
+                "metadata": {"name": format!("ns{ns}"), "labels": {"team": format!("t{}", ns % 5)}}}));
+        }
+        // 1,000 pods: 100 here (fake addresses high in this node's CIDR), 900 elsewhere.
+        for i in 0..1000 {
+            let (node_name, addr) = if i < 100 {
+                ("n0".to_string(), format!("10.244.3.{}", i + 1))
+            } else {
+                (
+                    format!("n{}", i % 9 + 1),
+                    format!("10.245.{}.{}", i / 250, i % 250 + 1),
+                )
+            };
+            objs.push(pod(i % 20, i, &node_name, &addr));
+        }
+        for k in 0..200 {
+            objs.push(policy(k % 20, k));
+        }
+        let api = standin::StandIn::start(&node, "127.0.0.1:16443", &dir.join("api"), &objs);
+        let host = dir.join("host");
+        let t0 = Instant::now();
+        let mut agent = Command::new("ip")
+            .args(["netns", "exec", &node])
+            .arg(&bin)
+            .args(["agent", "--node-name", "n0", "--kubeconfig"])
+            .arg(api.kubeconfig())
+            .arg("--cni-bin-dir")
+            .arg(host.join("bin"))
+            .arg("--cni-conf-dir")
+            .arg(host.join("net.d"))
+            .arg("--data-dir")
+            .arg(host.join("ipam"))
+            .args([
+                "--no-masquerade",
+                "10.0.0.0/8",
+                "--interval",
+                "60",
+                "--listen",
+                "off",
+            ])
+            .args(["--routing", "direct"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let pid = agent.id();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let table = || {
+                Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &node,
+                        "nft",
+                        "list",
+                        "table",
+                        "inet",
+                        "pontoon_policy",
+                    ])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            };
+            let conf_path = host.join("net.d/10-pontoon.conflist");
+            let first = wait("the first enforcement", Duration::from_secs(60), || {
+                conf_path.exists() && table().matches("chain i_").count() >= 50
+            })
+            .max(t0.elapsed());
+            let list: Value = serde_json::from_slice(&std::fs::read(&conf_path).unwrap()).unwrap();
+            let mut conf = list["plugins"][0].clone();
+            conf["name"] = list["name"].clone();
+            conf["cniVersion"] = list["cniVersion"].clone();
+            // Two real pods, selected by `bench` (everything allowed, so traffic is judged).
+            let mut addrs = vec![];
+            for (i, p) in pods.iter().take(2).enumerate() {
+                let (_, r) = add(&node, &host.join("bin"), &conf, p, "ADD");
+                let a = r["ips"][0]["address"]
+                    .as_str()
+                    .unwrap()
+                    .split('/')
+                    .next()
+                    .unwrap()
+                    .to_string();
+                let mut o = pod(0, 5000 + i, "n0", &a);
+                o["metadata"]["labels"]["bench"] = json!("yes");
+                api.apply(&o);
+                addrs.push(a);
+            }
+            api.apply(&bench_policy());
+            wait("the bench pods isolated", Duration::from_secs(30), || {
+                table().matches("chain i_").count() >= 52
+            });
+            // Policy changes: each adds an ipBlock to `bench`; done when the kernel has it.
+            let mut lat = vec![];
+            for k in 0..changes {
+                let mut p = bench_policy();
+                let cidr = format!("198.51.100.{}/32", k + 1);
+                p["spec"]["ingress"] = json!([{"from": [{"ipBlock": {"cidr": cidr}}]}]);
+                api.apply(&p);
+                let t = Instant::now();
+                let needle = format!("198.51.100.{}", k + 1);
+                // The set of the bench pod p5000's ingress: listing it costs ~1 ms, the whole
+                // table ~100.
+                let set = format!(
+                    "i4_{}",
+                    pontoon::policy::nft::pod_id(&("ns0".into(), "p5000".into()))
+                );
+                wait("the change enforced", Duration::from_secs(30), || {
+                    Command::new("ip")
+                        .args(["netns", "exec", &node, "nft", "list", "set", "inet"])
+                        .args(["pontoon_policy", &set])
+                        .output()
+                        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&needle))
+                });
+                lat.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            api.apply(&bench_policy());
+            std::thread::sleep(Duration::from_secs(1));
+            let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / 1024.0;
+            let with = iperf(&pods[0], &pods[1], &addrs[1], secs);
+            let mut add_with = vec![];
+            for _ in 0..adds {
+                add_with.push(
+                    add(&node, &host.join("bin"), &conf, &pods[2], "ADD")
+                        .0
+                        .as_secs_f64()
+                        * 1e3,
+                );
+                add(&node, &host.join("bin"), &conf, &pods[2], "DEL");
+            }
+            // No policies.
+            for k in 0..200 {
+                api.kubectl(&[
+                    "delete",
+                    "networkpolicy",
+                    "-n",
+                    &format!("ns{}", k % 20),
+                    &format!("pol{k}"),
+                ]);
+            }
+            api.kubectl(&["delete", "networkpolicy", "-n", "ns0", "bench"]);
+            wait("no pod isolated", Duration::from_secs(60), || {
+                !table().contains("chain i_")
+            });
+            let without = iperf(&pods[0], &pods[1], &addrs[1], secs);
+            let mut add_without = vec![];
+            for _ in 0..adds {
+                add_without.push(
+                    add(&node, &host.join("bin"), &conf, &pods[2], "ADD")
+                        .0
+                        .as_secs_f64()
+                        * 1e3,
+                );
+                add(&node, &host.join("bin"), &conf, &pods[2], "DEL");
+            }
+            let (p50, p99) = (pct(&mut lat.clone(), 0.5), pct(&mut lat, 0.99));
+            let (aw, awo) = (pct(&mut add_with, 0.5), pct(&mut add_without, 0.5));
+            println!(
+                "NetworkPolicy, 1,000 pods (100 on this node) in 20 namespaces, 200 policies:"
+            );
+            println!(
+                "  start to every local pod enforced     {:>8.2} s",
+                first.as_secs_f64()
+            );
+            println!(
+                "  policy change to enforcement p50/p99  {p50:>8.0} / {p99:.0} ms  ({changes} changes, target <= 1000 ms)"
+            );
+            println!("  agent peak RSS                        {rss:>8.1} MiB");
+            println!(
+                "  TCP pod to pod on the node            {with:>8.2} Gbit/s with the policies, {without:.2} without ({:.2}x)",
+                with / without
+            );
+            println!(
+                "  ADD p50                               {aw:>8.2} ms with the policies, {awo:.2} without ({:.2}x)",
+                aw / awo
+            );
+            let out = json!({"first_enforcement_s": first.as_secs_f64(), "change_p50_ms": p50, "change_p99_ms": p99,
+                             "peak_rss_mib": rss, "gbps_with": with, "gbps_without": without,
+                             "add_p50_ms_with": aw, "add_p50_ms_without": awo});
+            let _ = std::fs::write("target/bench-netpol.json", out.to_string());
+        }));
+        let _ = agent.kill();
+        let _ = agent.wait();
+        drop(api);
+        if r.is_err() || std::env::var("PONTOON_BENCH_LOG").is_ok() {
+            let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            eprintln!("agent log (last lines):");
+            for l in tail.iter().rev() {
+                eprintln!("  {l}");
+            }
+        }
+        if let Err(e) = r {
+            std::panic::resume_unwind(e);
+        }
+    });
+    for n in pods.iter().chain(std::iter::once(&node)) {
+        let _ = Command::new("ip").args(["netns", "del", n]).status();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if result.is_err() {
+        std::process::exit(1);
+    }
+}
