@@ -18,30 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-fn sh(args: &[&str]) -> String {
-    let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn ip(ns: &str, cmd: &str) {
-    let mut a = vec!["ip", "-n", ns];
-    a.extend(cmd.split_whitespace());
-    sh(&a);
-}
-
-fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    t.elapsed()
-}
+mod util;
+use util::{ip, sh, wait};
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());

@@ -9,36 +9,12 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
-fn sh(args: &[&str]) -> String {
-    let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn ip(ns: &str, cmd: &str) {
-    let mut a = vec!["ip", "-n", ns];
-    a.extend(cmd.split_whitespace());
-    sh(&a);
-}
-
-fn wait(what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+mod util;
+use util::{ip, sh, wait};
 
 /// One two-node cluster in throwaway namespaces, removed on drop.
 struct Pair {
@@ -179,10 +155,14 @@ fn run(bin: &Path, routing: &str, secs: u64) -> Sample {
     for (i, n) in nodes.iter().enumerate() {
         let nd = dir.join(format!("n{}", i + 1));
         let other = format!("10.244.{}.0/24", 2 - i);
-        wait("the agent's conflist and route", || {
-            nd.join("net.d/10-pontoon.conflist").exists()
-                && sh(&["ip", "-n", n, "route", "show", &other]).contains("proto 201")
-        });
+        wait(
+            "the agent's conflist and route",
+            Duration::from_secs(30),
+            || {
+                nd.join("net.d/10-pontoon.conflist").exists()
+                    && sh(&["ip", "-n", n, "route", "show", &other]).contains("proto 201")
+            },
+        );
         addrs.push(add_pod(&nd.join("bin"), &nd.join("net.d"), n, &pods[i]));
     }
     let mtu: Value =
@@ -214,7 +194,7 @@ fn run(bin: &Path, routing: &str, secs: u64) -> Sample {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait("iperf3 to listen", || {
+    wait("iperf3 to listen", Duration::from_secs(30), || {
         sh(&[
             "ip", "netns", "exec", &pods[1], "ss", "-Hltn", "sport", "= :5201",
         ])

@@ -307,6 +307,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             store(plural, obj)
             self.reply(201, obj)
 
+    def write(self, plural, old, obj):
+        """Stores a replaced or patched object as the real server does: a write of the
+        object leaves its status alone, a write of the status subresource leaves its spec
+        alone (metadata changes apply to both). Holds the lock."""
+        keep = "spec" if self.sub == "status" else "status"
+        obj.pop(keep, None)
+        if keep in old:
+            obj[keep] = old[keep]
+        store(plural, obj, "MODIFIED")
+        self.reply(200, obj)
+
     def do_PUT(self):
         if not self.authorized():
             return
@@ -319,12 +330,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             old = objects.get((plural, ns or "", name))
             if old is None:
                 return self.reply(*status(404, "NotFound", "not found"))
-            keep = "spec" if self.sub == "status" else "status"
-            obj.pop(keep, None)
-            if keep in old:
-                obj[keep] = old[keep]
-            store(plural, obj, "MODIFIED")
-            self.reply(200, obj)
+            self.write(plural, old, obj)
 
     def do_PATCH(self):
         if not self.authorized():
@@ -339,15 +345,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if k not in objects:
                 return self.reply(*status(404, "NotFound", '%s "%s" not found' % (plural, name)))
             old = objects[k]
-            obj = merge(json.loads(json.dumps(old)), patch)
-            # As the real server: a patch of the object leaves its status alone, a patch of
-            # the status subresource leaves its spec alone (metadata changes apply to both).
-            keep = "spec" if self.sub == "status" else "status"
-            obj.pop(keep, None)
-            if keep in old:
-                obj[keep] = old[keep]
-            store(plural, obj, "MODIFIED")
-            self.reply(200, obj)
+            self.write(plural, old, merge(json.loads(json.dumps(old)), patch))
 
     def do_DELETE(self):
         if not self.authorized():
