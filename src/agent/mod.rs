@@ -67,8 +67,14 @@ pub struct Options {
 /// What wakes the loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wake {
+    /// The nodes changed: a whole pass.
     Nodes,
+    /// Something removed part of the masquerade/hostPort table: a whole pass.
     Firewall,
+    /// Pods, namespaces or NetworkPolicies changed, or something removed part of the policy
+    /// table: only the policy step runs, so a change is enforced in milliseconds rather than
+    /// after the install, firewall, pool and route steps.
+    Policy,
     Stop,
 }
 
@@ -343,9 +349,9 @@ fn enforce_policies(
     }
 }
 
-/// Watches nf_tables events and sends [`Wake::Firewall`] when something removes a table,
-/// chain, rule or set of pontoon's table (a flush, a firewall reload), so the agent heals
-/// within a second rather than at its next interval.
+/// Watches nf_tables events and sends [`Wake::Firewall`] (or [`Wake::Policy`]) when something
+/// removes a table, chain, rule or set of pontoon's masquerade (policy) table (a flush, a
+/// firewall reload), so the agent heals within a second rather than at its next interval.
 pub fn watch_firewall(wake: Sender<Wake>) -> Result<()> {
     use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
     const NFNLGRP_NFTABLES: u32 = 7;
@@ -360,17 +366,23 @@ pub fn watch_firewall(wake: Sender<Wake>) -> Result<()> {
         .spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
-                let removed = match sock.recv(&mut &mut buf[..], 0) {
-                    Ok(n) => [
-                        crate::masquerade::nftables::TABLE,
-                        crate::policy::nft::TABLE,
-                    ]
-                    .iter()
-                    .any(|t| crate::nft::removes_from_table(&buf[..n], t)),
+                let (firewall, policy) = match sock.recv(&mut &mut buf[..], 0) {
+                    Ok(n) => (
+                        crate::nft::removes_from_table(
+                            &buf[..n],
+                            crate::masquerade::nftables::TABLE,
+                        ),
+                        crate::nft::removes_from_table(&buf[..n], crate::policy::nft::TABLE),
+                    ),
                     // ENOBUFS: events were lost; assume the worst.
-                    Err(_) => true,
+                    Err(_) => (true, true),
                 };
-                if removed && wake.send(Wake::Firewall).is_err() {
+                let sent = match (firewall, policy) {
+                    (true, _) => wake.send(Wake::Firewall),
+                    (false, true) => wake.send(Wake::Policy),
+                    (false, false) => Ok(()),
+                };
+                if sent.is_err() {
                     return;
                 }
             }
@@ -425,63 +437,32 @@ pub fn run(opts: Options, mut source: Box<dyn NodeSource>) -> Result<i32> {
     }
     let mut last: BTreeMap<String, String> = BTreeMap::new();
     let mut last_nodes: Option<Vec<NodeInfo>> = None;
+    // A whole pass (install, firewall, pool, overlay, routes, then policy) at start, every
+    // interval and on node or firewall events; policy events run the policy step alone. The
+    // whole pass's problems stand until the next whole pass.
+    let mut whole = true;
+    let mut last_whole = Instant::now();
+    let mut whole_problems: Vec<Problem> = Vec::new();
     loop {
         let started = Instant::now();
-        let mut problems = Vec::new();
-        let nodes = match source.nodes() {
-            Ok(n) => {
-                last_nodes = Some(n.clone());
-                Some(n)
-            }
-            Err(e) => {
-                let also = if last_nodes.is_some() {
-                    " (working from the last node list)"
-                } else {
-                    ""
-                };
-                problems.push(Problem::new("nodes", "nodes", format!("{e}{also}")));
-                last_nodes.clone()
-            }
-        };
-        if let Some(nodes) = &nodes {
-            let pass = reconcile(&opts, nodes, &self_bin, &shared.metrics);
-            log_pass(&pass);
-            // This node's Node carries what its peers need (its VTEP MACs).
-            let mine = nodes.iter().find(|n| n.name == opts.node_name);
-            let stale: BTreeMap<String, Option<String>> = pass
-                .annotations
-                .iter()
-                .filter(|(k, v)| mine.is_some_and(|n| n.annotations.get(*k) != v.as_ref()))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            if !stale.is_empty() {
-                match source.publish(&opts.node_name, &stale) {
-                    Ok(true) => {
-                        let said: Vec<String> = stale
-                            .iter()
-                            .map(|(k, v)| format!("{k}={}", v.as_deref().unwrap_or("(removed)")))
-                            .collect();
-                        log::info!("annotated Node {}: {}", opts.node_name, said.join(", "))
-                    }
-                    Ok(false) => {}
-                    Err(e) => problems.push(Problem::new("node annotations", "nodes", e)),
-                }
-            }
-            if opts.network_policy {
-                enforce_policies(
-                    &mut enforcer,
-                    source.as_mut(),
-                    &opts.node_name,
-                    &mut problems,
-                );
-            }
-            let m = shared.metrics.lock().unwrap();
-            m.routes.set(pass.routes.owned as i64);
-            if pass.healed {
-                m.firewall_heals.inc();
-            }
-            drop(m);
-            problems.extend(pass.problems);
+        if whole {
+            last_whole = started;
+            whole_problems = whole_pass(
+                &opts,
+                source.as_mut(),
+                &mut last_nodes,
+                &self_bin,
+                &shared.metrics,
+            );
+        }
+        let mut problems = whole_problems.clone();
+        if opts.network_policy {
+            enforce_policies(
+                &mut enforcer,
+                source.as_mut(),
+                &opts.node_name,
+                &mut problems,
+            );
         }
         // Each problem is logged when it appears or changes, and once more when it is gone.
         let now: BTreeMap<String, String> = problems
@@ -530,18 +511,83 @@ pub fn run(opts: Options, mut source: Box<dyn NodeSource>) -> Result<i32> {
             };
         }
         // Sleep until the interval is up or something happens; a burst of events is one wake.
-        let deadline = started + opts.interval;
+        let deadline = last_whole + opts.interval;
         let woke = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
         let mut stop = woke == Ok(Wake::Stop) || woke == Err(RecvTimeoutError::Disconnected);
+        whole = !matches!(woke, Ok(Wake::Policy));
         if woke.is_ok() && !stop {
-            std::thread::sleep(Duration::from_millis(50));
-            stop = rx.try_iter().any(|w| w == Wake::Stop);
+            std::thread::sleep(Duration::from_millis(20));
+            for w in rx.try_iter() {
+                stop |= w == Wake::Stop;
+                whole |= w != Wake::Policy;
+            }
         }
         if stop {
             log::info!("signal received: exiting, routes and rules stay in place");
             return Ok(0);
         }
     }
+}
+
+/// The whole pass: the node list, then [`reconcile`] against it (or the last list when the
+/// source fails), this node's annotations published and the metrics set. Its problems.
+fn whole_pass(
+    opts: &Options,
+    source: &mut dyn NodeSource,
+    last_nodes: &mut Option<Vec<NodeInfo>>,
+    self_bin: &[u8],
+    metrics: &std::sync::Mutex<metrics::Metrics>,
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let nodes = match source.nodes() {
+        Ok(n) => {
+            *last_nodes = Some(n.clone());
+            n
+        }
+        Err(e) => {
+            let also = if last_nodes.is_some() {
+                " (working from the last node list)"
+            } else {
+                ""
+            };
+            problems.push(Problem::new("nodes", "nodes", format!("{e}{also}")));
+            match last_nodes {
+                Some(n) => n.clone(),
+                None => return problems,
+            }
+        }
+    };
+    let pass = reconcile(opts, &nodes, self_bin, metrics);
+    log_pass(&pass);
+    // This node's Node carries what its peers need (its VTEP MACs).
+    let mine = nodes.iter().find(|n| n.name == opts.node_name);
+    let stale: BTreeMap<String, Option<String>> = pass
+        .annotations
+        .iter()
+        .filter(|(k, v)| mine.is_some_and(|n| n.annotations.get(*k) != v.as_ref()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if !stale.is_empty() {
+        match source.publish(&opts.node_name, &stale) {
+            Ok(true) => {
+                let said: Vec<String> = stale
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_deref().unwrap_or("(removed)")))
+                    .collect();
+                log::info!("annotated Node {}: {}", opts.node_name, said.join(", "))
+            }
+            Ok(false) => {}
+            Err(e) => problems.push(Problem::new("node annotations", "nodes", e)),
+        }
+    }
+    let m = metrics.lock().unwrap();
+    m.routes.set(pass.routes.owned as i64);
+    if pass.healed {
+        m.firewall_heals.inc();
+    }
+    drop(m);
+    problems.extend(pass.problems);
+    problems
 }
 
 /// The Kubernetes node source (watch-based; in-cluster config or a kubeconfig).

@@ -124,6 +124,11 @@ where
             }
             Ok(watcher::Event::Apply(o)) => {
                 if let Ok(v) = serde_json::to_value(&o) {
+                    log::debug!(
+                        "{} {:?} changed",
+                        ["pod", "namespace", "networkpolicy"][k],
+                        key(&v)
+                    );
                     apply(&mut st, k, &v, true);
                 }
                 true
@@ -142,7 +147,7 @@ where
             }
         };
         if changed && let Some(w) = &st.wake {
-            let _ = w.send(super::Wake::Nodes);
+            let _ = w.send(super::Wake::Policy);
         }
     }
 }
