@@ -537,6 +537,25 @@ impl Batch {
         );
     }
 
+    /// Deletes interval elements of a set that has `key_end` (concatenations of ranges) by
+    /// their exact (key, key end); each must exist, or the batch fails.
+    pub fn del_range_elements(
+        &mut self,
+        family: u8,
+        table: &str,
+        set: &str,
+        els: &[(Vec<u8>, Vec<u8>)],
+    ) {
+        self.elements(
+            (MSG_DELSETELEM, 0),
+            family,
+            (table, set),
+            els.iter()
+                .map(|(k, e)| (k.as_slice(), Some(e.as_slice()), ElemData::None)),
+            format!("delete elements of {set}"),
+        );
+    }
+
     /// Deletes elements by key (each must exist, or the batch fails).
     pub fn del_elements(&mut self, family: u8, table: &str, set: &str, keys: &[Vec<u8>]) {
         self.elements(

@@ -15,7 +15,7 @@
 
 pub mod nft;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
@@ -528,93 +528,144 @@ fn disjoint(boxes: Vec<(bool, Cell)>) -> BTreeMap<bool, Vec<Cell>> {
     out
 }
 
+fn rules_in(p: &Policy) -> Option<&Vec<Rule>> {
+    p.ingress.as_ref()
+}
+
+fn rules_out(p: &Policy) -> Option<&Vec<Rule>> {
+    p.egress.as_ref()
+}
+
+/// One rule's peers: (IPv4?, address range, the pod when the peer is a pod).
+type Peers<'c> = Vec<(bool, Range, Option<&'c Pod>)>;
+
+/// The boxes one rule allows for `target` (named ports of ingress rules are the target's;
+/// those of egress rules are each peer's, so egress boxes never depend on the target).
+fn rule_boxes(
+    c: &Cluster,
+    r: &Rule,
+    peers: &Peers,
+    ingress: bool,
+    target: &Pod,
+) -> Vec<(bool, Cell)> {
+    let mut boxes = vec![];
+    let has_names = r
+        .ports
+        .iter()
+        .any(|p| matches!(p.port, Some(PortRef::Name(_))));
+    for (fam, addr, peer_pod) in peers.iter().copied() {
+        let named = if ingress { Some(target) } else { peer_pod };
+        for (proto, port) in port_boxes(&r.ports, named) {
+            boxes.push((fam, Cell { addr, proto, port }));
+        }
+        // An egress peer that is an address range (everyone, an ipBlock): its named ports
+        // are those of each pod in the range.
+        if !ingress && peer_pod.is_none() && has_names {
+            let only_named: Vec<Port> = r
+                .ports
+                .iter()
+                .filter(|p| matches!(p.port, Some(PortRef::Name(_))))
+                .cloned()
+                .collect();
+            for q in c.pods.values().filter(|q| !q.host_network) {
+                for ip in q.ips.iter().filter(|i| i.is_ipv4() == fam) {
+                    let a = to_u128(*ip);
+                    if a < addr.0 || a > addr.1 {
+                        continue;
+                    }
+                    for (proto, port) in port_boxes(&only_named, Some(q)) {
+                        boxes.push((
+                            fam,
+                            Cell {
+                                addr: (a, a),
+                                proto,
+                                port,
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    boxes
+}
+
 /// What the policies mean for the pods of node `node` (hostNetwork pods are never subject).
+///
+/// A rule's peers are resolved once per compile, not once per pod it selects, and pods that
+/// the same policies select (and, where ingress rules name ports, with the same named ports)
+/// share one computation of their cells: a compile costs per distinct group of pods, not per
+/// pod times cluster size.
 pub fn compile(c: &Cluster, node: &str) -> BTreeMap<(String, String), PodRules> {
+    type PolicyKey = (String, String);
+    let mut peers: HashMap<(&PolicyKey, bool, usize), Peers> = HashMap::new();
+    type Group<'c> = (bool, Vec<&'c PolicyKey>, Option<&'c [(String, u8, u16)]>);
+    let mut groups: HashMap<Group, Option<BTreeMap<bool, Vec<Cell>>>> = HashMap::new();
     let mut out = BTreeMap::new();
     for (key, pod) in c
         .pods
         .iter()
         .filter(|(_, p)| p.node == node && !p.host_network)
     {
-        let selecting: Vec<&Policy> = c
+        let selecting: Vec<(&PolicyKey, &Policy)> = c
             .policies
-            .values()
-            .filter(|p| p.namespace == pod.namespace && p.selector.matches(&pod.labels))
+            .iter()
+            .filter(|(_, p)| p.namespace == pod.namespace && p.selector.matches(&pod.labels))
             .collect();
         let mut rules = PodRules {
             ips: pod.ips.clone(),
             ..Default::default()
         };
         for ingress in [true, false] {
-            let mut isolated = false;
-            let mut boxes: Vec<(bool, Cell)> = vec![];
-            for pol in &selecting {
-                let Some(list) = (if ingress { &pol.ingress } else { &pol.egress }) else {
-                    continue;
-                };
-                isolated = true;
-                for r in list {
-                    let everyone = r.peers.is_empty();
-                    let peers: Vec<(bool, Range, Option<&Pod>)> = if everyone {
-                        vec![
-                            (true, (0, u32::MAX as u128), None),
-                            (false, (0, u128::MAX), None),
-                        ]
-                    } else {
-                        r.peers
+            let list_of = if ingress { rules_in } else { rules_out };
+            let names_matter = ingress
+                && selecting.iter().any(|(_, pol)| {
+                    list_of(pol).into_iter().flatten().any(|r| {
+                        r.ports
                             .iter()
-                            .flat_map(|p| peer_addrs(c, &pol.namespace, p))
-                            .collect()
-                    };
-                    let has_names = r
-                        .ports
-                        .iter()
-                        .any(|p| matches!(p.port, Some(PortRef::Name(_))));
-                    for (fam, addr, peer_pod) in peers {
-                        // Named ports are the target's: this pod for ingress, the peer for
-                        // egress.
-                        let named = if ingress { Some(pod) } else { peer_pod };
-                        for (proto, port) in port_boxes(&r.ports, named) {
-                            boxes.push((fam, Cell { addr, proto, port }));
-                        }
-                        // An egress peer that is an address range (everyone, an ipBlock):
-                        // its named ports are those of each pod in the range.
-                        if !ingress && peer_pod.is_none() && has_names {
-                            for q in c.pods.values().filter(|q| !q.host_network) {
-                                for ip in q.ips.iter().filter(|i| i.is_ipv4() == fam) {
-                                    let a = to_u128(*ip);
-                                    if a < addr.0 || a > addr.1 {
-                                        continue;
-                                    }
-                                    let only_named: Vec<Port> = r
-                                        .ports
+                            .any(|p| matches!(p.port, Some(PortRef::Name(_))))
+                    })
+                });
+            let group: Group = (
+                ingress,
+                selecting
+                    .iter()
+                    .filter(|(_, pol)| list_of(pol).is_some())
+                    .map(|(k, _)| *k)
+                    .collect(),
+                names_matter.then_some(pod.ports.as_slice()),
+            );
+            let cells = match groups.get(&group) {
+                Some(cells) => cells.clone(),
+                None => {
+                    let mut boxes: Vec<(bool, Cell)> = vec![];
+                    for (pk, pol) in &selecting {
+                        for (i, r) in list_of(pol).into_iter().flatten().enumerate() {
+                            let ps = peers.entry((*pk, ingress, i)).or_insert_with(|| {
+                                if r.peers.is_empty() {
+                                    vec![
+                                        (true, (0, u32::MAX as u128), None),
+                                        (false, (0, u128::MAX), None),
+                                    ]
+                                } else {
+                                    r.peers
                                         .iter()
-                                        .filter(|p| matches!(p.port, Some(PortRef::Name(_))))
-                                        .cloned()
-                                        .collect();
-                                    for (proto, port) in port_boxes(&only_named, Some(q)) {
-                                        boxes.push((
-                                            fam,
-                                            Cell {
-                                                addr: (a, a),
-                                                proto,
-                                                port,
-                                            },
-                                        ));
-                                    }
+                                        .flat_map(|p| peer_addrs(c, &pol.namespace, p))
+                                        .collect()
                                 }
-                            }
+                            });
+                            boxes.extend(rule_boxes(c, r, ps, ingress, pod));
                         }
                     }
+                    let cells = (!group.1.is_empty()).then(|| disjoint(boxes));
+                    groups.insert(group, cells.clone());
+                    cells
                 }
-            }
-            if isolated {
-                let cells = disjoint(boxes);
-                if ingress {
-                    rules.ingress = Some(cells);
-                } else {
-                    rules.egress = Some(cells);
-                }
+            };
+            if ingress {
+                rules.ingress = cells;
+            } else {
+                rules.egress = cells;
             }
         }
         out.insert(key.clone(), rules);
@@ -740,6 +791,32 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn pods_sharing_policies_keep_their_own_named_ports() {
+        let mut c = cluster(vec![json!({"metadata": {"namespace": "x", "name": "web"},
+            "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": "web"}]}],
+                     "policyTypes": ["Ingress", "Egress"],
+                     "egress": [{"to": [{"podSelector": {}}], "ports": [{"port": "web"}]}]}})]);
+        c.pods.get_mut(&("x".into(), "a".into())).unwrap().ports = vec![("web".into(), TCP, 80)];
+        c.pods.get_mut(&("x".into(), "b".into())).unwrap().ports = vec![("web".into(), TCP, 8080)];
+        let r = compile(&c, "n1");
+        let side = |p: &str, ingress: bool| {
+            let r = &r[&("x".to_string(), p.to_string())];
+            if ingress { &r.ingress } else { &r.egress }
+                .as_ref()
+                .unwrap()[&true]
+                .clone()
+        };
+        assert!(allows(&side("a", true), "192.0.2.9", TCP, 80));
+        assert!(!allows(&side("a", true), "192.0.2.9", TCP, 8080));
+        assert!(allows(&side("b", true), "192.0.2.9", TCP, 8080));
+        assert!(!allows(&side("b", true), "192.0.2.9", TCP, 80));
+        // Egress names are the destination's: the same for both sources.
+        assert_eq!(side("a", false), side("b", false));
+        assert!(allows(&side("a", false), "10.0.0.2", TCP, 8080));
+        assert!(!allows(&side("a", false), "10.0.0.2", TCP, 80));
     }
 
     #[test]

@@ -274,6 +274,25 @@ fn add_side(b: &mut Batch, s: &Side, ips: &[std::net::IpAddr], ingress: bool) {
     add_map_elements(b, s, ips, ingress);
 }
 
+/// Changes a side's sets from `o`'s cells to `n`'s by the difference only: a pod appearing
+/// elsewhere in the cluster changes a few elements of many pods' sets, not every element.
+fn update_cells(b: &mut Batch, o: &Side, n: &Side) {
+    for v4 in [true, false] {
+        let set = set_name(&n.chain, v4);
+        let cells = |s: &Side| -> std::collections::BTreeSet<Cell> {
+            s.cells.get(&v4).into_iter().flatten().copied().collect()
+        };
+        let (was, now) = (cells(o), cells(n));
+        let keys = |a: &std::collections::BTreeSet<Cell>, b: &std::collections::BTreeSet<Cell>| {
+            a.difference(b)
+                .map(|c| cell_keys(c, v4))
+                .collect::<Vec<_>>()
+        };
+        b.del_range_elements(NFPROTO_INET, TABLE, &set, &keys(&was, &now));
+        b.add_range_elements(NFPROTO_INET, TABLE, &set, &keys(&now, &was));
+    }
+}
+
 fn map_of(ingress: bool, v4: bool) -> &'static str {
     match (ingress, v4) {
         (true, true) => "in4",
@@ -411,18 +430,7 @@ impl Enforcer {
                             add_map_elements(&mut b, n, &new.ips, ingress);
                         }
                         if o.cells != n.cells {
-                            for v4 in [true, false] {
-                                let set = set_name(&n.chain, v4);
-                                b.flush_set(NFPROTO_INET, TABLE, &set);
-                                let els: Vec<(Vec<u8>, Vec<u8>)> = n
-                                    .cells
-                                    .get(&v4)
-                                    .into_iter()
-                                    .flatten()
-                                    .map(|c| cell_keys(c, v4))
-                                    .collect();
-                                b.add_range_elements(NFPROTO_INET, TABLE, &set, &els);
-                            }
+                            update_cells(&mut b, o, n);
                         }
                     }
                     (None, Some(n)) => add_side(&mut b, n, &new.ips, ingress),
