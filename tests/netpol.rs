@@ -27,6 +27,8 @@ struct World {
     dir: PathBuf,
     namespaces: Vec<String>,
     children: Vec<Child>,
+    /// Each node's agent.
+    agents: BTreeMap<String, Child>,
     api: Option<StandIn>,
     /// (namespace, name) → (pod netns, node, [v4, v6]).
     pods: BTreeMap<(String, String), (String, String, Vec<String>)>,
@@ -37,7 +39,7 @@ struct World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        for c in &mut self.children {
+        for c in self.children.iter_mut().chain(self.agents.values_mut()) {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -146,6 +148,7 @@ impl World {
             dir,
             namespaces: vec![],
             children: vec![],
+            agents: BTreeMap::new(),
             api: None,
             pods: BTreeMap::new(),
             objects: BTreeMap::new(),
@@ -185,7 +188,7 @@ impl World {
             &objs,
         ));
         for n in ["n1", "n2"] {
-            w.start_agent(n);
+            w.start_agent(n, &[]);
         }
         for n in ["n1", "n2"] {
             let f = w.dir.join(n).join("net.d/10-pontoon.conflist");
@@ -249,9 +252,18 @@ impl World {
         format!("{}-{n}", self.prefix)
     }
 
-    fn start_agent(&mut self, n: &str) {
+    /// Starts node `n`'s agent (stopping the one running first).
+    fn start_agent(&mut self, n: &str, extra: &[&str]) {
+        if let Some(mut old) = self.agents.remove(n) {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
         let nd = self.dir.join(n);
-        let log = std::fs::File::create(self.dir.join(format!("agent-{n}.log"))).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("agent-{n}.log")))
+            .unwrap();
         let child = Command::new("ip")
             .args([
                 "netns",
@@ -282,11 +294,12 @@ impl World {
                 "--listen",
                 "127.0.0.1:9765",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
-        self.children.push(child);
+        self.agents.insert(n.to_string(), child);
     }
 
     fn api(&self) -> &StandIn {
@@ -993,4 +1006,69 @@ fn network_policy_truth_tables() {
     eprintln!("service: backend on {xa_node}, y/b on {yb_node}, z/b on {zb_node}");
     w.delete_policies(&from_y);
     wait_for("the Service to let z/b in again", || w.probe_one(&zb, &svc));
+
+    // The kernel state follows the records, not a marker: the policy table deleted under a
+    // policy (a firewall reload, `nft flush ruleset`) is made again within a second.
+    let deny_x = vec![policy("x", "deny-x", json!({"podSelector": {}}))];
+    w.apply_policies(&deny_x);
+    check(&w, "deny into x", &deny_x, &ns, 0, &PORTS);
+    let n1 = w.node_ns("n1");
+    let table = |node: &str| out(node, &["nft", "list", "tables"]).contains("pontoon_policy");
+    let isolating = |node: &str| {
+        out(node, &["nft", "list", "table", "inet", "pontoon_policy"]).contains("chain i_")
+    };
+    run_ok(&[
+        "ip",
+        "netns",
+        "exec",
+        &n1,
+        "nft",
+        "delete",
+        "table",
+        "inet",
+        "pontoon_policy",
+    ]);
+    let t = Instant::now();
+    wait_for("n1's policy table made again", || isolating(&n1));
+    eprintln!("policy table made again after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "the deleted policy table came back only after {:?}",
+        t.elapsed()
+    );
+    check(
+        &w,
+        "deny into x, table deleted and made again",
+        &deny_x,
+        &ns,
+        0,
+        &PORTS,
+    );
+
+    // `--network-policy false` (another enforcer runs): n1's agent removes its table, so
+    // n1's pods are not isolated any more; n2 still enforces.
+    w.start_agent("n1", &["--network-policy", "false"]);
+    wait_for("n1's policy table removed", || !table(&n1));
+    let (xa, xb) = (
+        &w.pods[&("x".into(), "a".into())],
+        &w.pods[&("x".into(), "b".into())],
+    );
+    assert_eq!((xa.1.as_str(), xb.1.as_str()), ("n1", "n2"));
+    let (xa_addr, xb_addr) = (format!("tcp/80@{}", xa.2[0]), format!("tcp/80@{}", xb.2[0]));
+    wait_for("x/a on n1 reachable again", || w.probe_one(&yb, &xa_addr));
+    assert!(
+        !w.probe_one(&yb, &xb_addr),
+        "x/b on n2 is still isolated by deny-x"
+    );
+    // Started again with enforcement on, it isolates n1's pods again.
+    w.start_agent("n1", &[]);
+    check(
+        &w,
+        "deny into x, n1's agent restarted",
+        &deny_x,
+        &ns,
+        0,
+        &PORTS,
+    );
+    w.delete_policies(&deny_x);
 }
