@@ -124,6 +124,56 @@ fn iperf(client: &str, server: &str, addr: &str, secs: u64) -> f64 {
         / 1e9
 }
 
+/// New TCP connections per second, `count` of them (few enough that conntrack's table stays
+/// small), from pod netns `client` to `addr` in pod netns `server` (connect, then close with a reset so no TIME_WAIT piles up): each one's first packet is
+/// judged by the policy chains, unlike a long transfer's.
+fn connections(client: &str, server: &str, addr: &str, count: u32) -> f64 {
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let open = |n: &str| {
+        pontoon::netns::NetNs::open(Path::new(&format!("/run/netns/{n}")))
+            .unwrap()
+            .unwrap()
+    };
+    let (cns, sns) = (open(client), open(server));
+    let sa: std::net::SocketAddr = format!("{addr}:5301").parse().unwrap();
+    let listener = sns.run(|| Ok(TcpListener::bind(sa).unwrap())).unwrap();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // Non-blocking, so that it stops when the client is done whatever is queued.
+            listener.set_nonblocking(true).unwrap();
+            while !done.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok(c) => drop(c),
+                    Err(_) => std::thread::sleep(Duration::from_micros(100)),
+                }
+            }
+        });
+        let n = cns
+            .run(|| {
+                let t = Instant::now();
+                for _ in 0..count {
+                    let c = TcpStream::connect_timeout(&sa, Duration::from_secs(5)).unwrap();
+                    nix::sys::socket::setsockopt(
+                        &c,
+                        nix::sys::socket::sockopt::Linger,
+                        &libc::linger {
+                            l_onoff: 1,
+                            l_linger: 0,
+                        },
+                    )
+                    .unwrap();
+                    drop(c);
+                }
+                Ok(count as f64 / t.elapsed().as_secs_f64())
+            })
+            .unwrap();
+        done.store(true, Ordering::Relaxed);
+        n
+    })
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--list") {
@@ -134,7 +184,11 @@ fn main() {
         std::process::exit(1);
     }
     let quick = args.iter().any(|a| a == "--quick");
-    let (changes, secs, adds) = if quick { (5, 2, 5) } else { (30, 5, 20) };
+    let (changes, secs, adds, rounds) = if quick {
+        (5, 2, 5usize, 1)
+    } else {
+        (30, 5, 20, 4)
+    };
     let bin = std::fs::canonicalize(
         std::env::var("PONTOON_BIN").unwrap_or_else(|_| "target/release/pontoon".into()),
     )
@@ -298,18 +352,58 @@ fn main() {
                 .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
                 .unwrap_or(0.0)
                 / 1024.0;
-            let with = iperf(&pods[0], &pods[1], &addrs[1], secs);
-            let mut add_with = vec![];
-            for _ in 0..adds {
-                add_with.push(
-                    add(&node, &host.join("bin"), &conf, &pods[2], "ADD")
-                        .0
-                        .as_secs_f64()
-                        * 1e3,
-                );
-                add(&node, &host.join("bin"), &conf, &pods[2], "DEL");
+            // With and without, interleaved so that the VM's drift falls on both alike.
+            // "Without" is the node with no policy table at all (the agent paused meanwhile,
+            // or it would make the table again at once).
+            let (mut gbps, mut conns, mut adds_ms) =
+                ([vec![], vec![]], [vec![], vec![]], [vec![], vec![]]);
+            let agent_pid = nix::unistd::Pid::from_raw(pid as i32);
+            for _ in 0..rounds {
+                for (i, with) in [true, false].into_iter().enumerate() {
+                    if !with {
+                        nix::sys::signal::kill(agent_pid, nix::sys::signal::SIGSTOP).unwrap();
+                        sh(&[
+                            "ip",
+                            "netns",
+                            "exec",
+                            &node,
+                            "nft",
+                            "delete",
+                            "table",
+                            "inet",
+                            "pontoon_policy",
+                        ]);
+                    }
+                    gbps[i].push(iperf(&pods[0], &pods[1], &addrs[1], secs));
+                    conns[i].push(connections(&pods[0], &pods[1], &addrs[1], 3000));
+                    for _ in 0..adds.div_ceil(rounds) {
+                        let (t, _) = add(&node, &host.join("bin"), &conf, &pods[2], "ADD");
+                        adds_ms[i].push(t.as_secs_f64() * 1e3);
+                        add(&node, &host.join("bin"), &conf, &pods[2], "DEL");
+                    }
+                    if !with {
+                        nix::sys::signal::kill(agent_pid, nix::sys::signal::SIGCONT).unwrap();
+                        wait(
+                            "the policy table made again",
+                            Duration::from_secs(30),
+                            || table().matches("chain i_").count() >= 52,
+                        );
+                    }
+                }
             }
-            // No policies.
+            let samples = json!({"gbps": gbps, "connections_per_s": conns, "add_ms": adds_ms});
+            // Each round's ratio, then their median: the VM's drift between rounds cancels.
+            let paired = |v: &[Vec<f64>; 2]| {
+                let mut r: Vec<f64> = v[0].iter().zip(&v[1]).map(|(a, b)| a / b).collect();
+                pct(&mut r, 0.5)
+            };
+            let (gbps_ratio, conn_ratio) = (paired(&gbps), paired(&conns));
+            let [mut g0, mut g1] = gbps;
+            let [mut c0, mut c1] = conns;
+            let [mut add_with, mut add_without] = adds_ms;
+            let (with, without) = (pct(&mut g0, 0.5), pct(&mut g1, 0.5));
+            let (conn_with, conn_without) = (pct(&mut c0, 0.5), pct(&mut c1, 0.5));
+            // All policies deleted: nothing isolated any more.
             for k in 0..200 {
                 api.kubectl(&[
                     "delete",
@@ -323,17 +417,6 @@ fn main() {
             wait("no pod isolated", Duration::from_secs(60), || {
                 !table().contains("chain i_")
             });
-            let without = iperf(&pods[0], &pods[1], &addrs[1], secs);
-            let mut add_without = vec![];
-            for _ in 0..adds {
-                add_without.push(
-                    add(&node, &host.join("bin"), &conf, &pods[2], "ADD")
-                        .0
-                        .as_secs_f64()
-                        * 1e3,
-                );
-                add(&node, &host.join("bin"), &conf, &pods[2], "DEL");
-            }
             let (p50, p99) = (pct(&mut lat.clone(), 0.5), pct(&mut lat, 0.99));
             let (aw, awo) = (pct(&mut add_with, 0.5), pct(&mut add_without, 0.5));
             println!(
@@ -348,15 +431,19 @@ fn main() {
             );
             println!("  agent peak RSS                        {rss:>8.1} MiB");
             println!(
-                "  TCP pod to pod on the node            {with:>8.2} Gbit/s with the policies, {without:.2} without ({:.2}x)",
-                with / without
+                "  TCP pod to pod on the node            {with:>8.2} Gbit/s with the policies, {without:.2} with no policy table ({gbps_ratio:.2}x)"
             );
             println!(
-                "  ADD p50                               {aw:>8.2} ms with the policies, {awo:.2} without ({:.2}x)",
+                "  new TCP connections pod to pod        {conn_with:>8.0} /s with the policies, {conn_without:.0} with none ({conn_ratio:.2}x)"
+            );
+            println!(
+                "  ADD p50                               {aw:>8.2} ms with the policies, {awo:.2} with none ({:.2}x)",
                 aw / awo
             );
             let out = json!({"first_enforcement_s": first.as_secs_f64(), "change_p50_ms": p50, "change_p99_ms": p99,
                              "peak_rss_mib": rss, "gbps_with": with, "gbps_without": without,
+                             "connections_per_s_with": conn_with, "connections_per_s_without": conn_without,
+                             "samples_with_then_without": samples,
                              "add_p50_ms_with": aw, "add_p50_ms_without": awo});
             let _ = std::fs::write("target/bench-netpol.json", out.to_string());
         }));
