@@ -8,21 +8,14 @@
 #[allow(dead_code)]
 #[path = "../tests/common/standin.rs"]
 mod standin;
+#[allow(dead_code)]
+mod util;
+use util::{sh, spawn_agent};
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-
-fn sh(args: &[&str]) -> String {
-    let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn node(i: usize) -> Value {
     json!({"kind": "Node", "apiVersion": "v1",
@@ -108,29 +101,7 @@ fn main() {
         let api = standin::StandIn::start(&ns, "127.0.0.1:16443", &dir.join("api"), &nodes);
         let host = dir.join("host");
         let t0 = Instant::now();
-        let mut agent = Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(&bin)
-            .args(["agent", "--node-name", "n0", "--kubeconfig"])
-            .arg(api.kubeconfig())
-            .arg("--cni-bin-dir")
-            .arg(host.join("bin"))
-            .arg("--cni-conf-dir")
-            .arg(host.join("net.d"))
-            .arg("--data-dir")
-            .arg(host.join("ipam"))
-            .args([
-                "--no-masquerade",
-                "10.0.0.0/8",
-                "--interval",
-                "60",
-                "--listen",
-                "off",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut agent = spawn_agent(&ns, &bin, &api.kubeconfig(), &host, &[], Stdio::null());
         let pid = agent.id();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let all = wait("every route", Duration::from_secs(120), || {

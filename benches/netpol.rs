@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 mod util;
-use util::{ip, sh, wait};
+use util::{ip, sh, spawn_agent, wait};
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -237,30 +237,14 @@ fn main() {
         let api = standin::StandIn::start(&node, "127.0.0.1:16443", &dir.join("api"), &objs);
         let host = dir.join("host");
         let t0 = Instant::now();
-        let mut agent = Command::new("ip")
-            .args(["netns", "exec", &node])
-            .arg(&bin)
-            .args(["agent", "--node-name", "n0", "--kubeconfig"])
-            .arg(api.kubeconfig())
-            .arg("--cni-bin-dir")
-            .arg(host.join("bin"))
-            .arg("--cni-conf-dir")
-            .arg(host.join("net.d"))
-            .arg("--data-dir")
-            .arg(host.join("ipam"))
-            .args([
-                "--no-masquerade",
-                "10.0.0.0/8",
-                "--interval",
-                "60",
-                "--listen",
-                "off",
-            ])
-            .args(["--routing", "direct"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
-            .spawn()
-            .unwrap();
+        let mut agent = spawn_agent(
+            &node,
+            &bin,
+            &api.kubeconfig(),
+            &host,
+            &["--routing", "direct"],
+            std::fs::File::create(dir.join("agent.log")).unwrap().into(),
+        );
         let pid = agent.id();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let table = || {

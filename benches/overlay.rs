@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+#[allow(dead_code)]
 mod util;
 use util::{ip, sh, wait};
 

@@ -509,14 +509,28 @@ impl Batch {
         set: &str,
         els: &[(Vec<u8>, Vec<u8>)],
     ) {
-        self.elements(
+        let what = format!("add elements to {set}");
+        self.ranges(
             (MSG_NEWSETELEM, NLM_F_CREATE),
             family,
             (table, set),
-            els.iter()
-                .map(|(k, e)| (k.as_slice(), Some(e.as_slice()), ElemData::None)),
-            format!("add elements to {set}"),
+            els,
+            what,
         );
+    }
+
+    fn ranges(
+        &mut self,
+        op: (u16, u16),
+        family: u8,
+        at: (&str, &str),
+        els: &[(Vec<u8>, Vec<u8>)],
+        what: String,
+    ) {
+        let els = els
+            .iter()
+            .map(|(k, e)| (k.as_slice(), Some(e.as_slice()), ElemData::None));
+        self.elements(op, family, at, els, what);
     }
 
     /// Adds elements of a verdict map: key → jump to a chain.
@@ -546,14 +560,8 @@ impl Batch {
         set: &str,
         els: &[(Vec<u8>, Vec<u8>)],
     ) {
-        self.elements(
-            (MSG_DELSETELEM, 0),
-            family,
-            (table, set),
-            els.iter()
-                .map(|(k, e)| (k.as_slice(), Some(e.as_slice()), ElemData::None)),
-            format!("delete elements of {set}"),
-        );
+        let what = format!("delete elements of {set}");
+        self.ranges((MSG_DELSETELEM, 0), family, (table, set), els, what);
     }
 
     /// Deletes elements by key (each must exist, or the batch fails).
