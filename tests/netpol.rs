@@ -409,16 +409,13 @@ impl World {
 
     /// Probes from `src` to one address (a Service).
     fn probe_one(&self, src: &(String, String), target: &str) -> bool {
+        self.probe_from(&self.pods[src].0, target)
+    }
+
+    /// Probes from any of the test's namespaces (a pod's, or a node's own) to one target.
+    fn probe_from(&self, netns: &str, target: &str) -> bool {
         let o = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.pods[src].0,
-                "python3",
-                "-c",
-                PROBER,
-                target,
-            ])
+            .args(["netns", "exec", netns, "python3", "-c", PROBER, target])
             .output()
             .unwrap();
         let res: BTreeMap<String, bool> = serde_json::from_slice(&o.stdout).unwrap();
@@ -1012,6 +1009,19 @@ fn network_policy_truth_tables() {
     let deny_x = vec![policy("x", "deny-x", json!({"podSelector": {}}))];
     w.apply_policies(&deny_x);
     check(&w, "deny into x", &deny_x, &ns, 0, &PORTS);
+    // Traffic from the node itself (kubelet's probes) is not filtered, as the API documents:
+    // every pod of x, isolated for ingress, still answers its own node, over both families.
+    for ((pns, pname), (_, node, addrs)) in w.pods.iter().filter(|(k, _)| k.0 == "x") {
+        for addr in addrs {
+            for port in ["tcp/80", "udp/80"] {
+                let target = format!("{port}@{addr}");
+                assert!(
+                    w.probe_from(&w.node_ns(node), &target),
+                    "{pns}/{pname} isolated by deny-x does not answer its node {node} on {target}"
+                );
+            }
+        }
+    }
     let n1 = w.node_ns("n1");
     let table = |node: &str| out(node, &["nft", "list", "tables"]).contains("pontoon_policy");
     let isolating = |node: &str| {
