@@ -178,6 +178,7 @@ fn allocate(
                 mappings: &conf.raw.runtime_config.port_mappings,
                 host_veth: Some(&host_veth),
                 alive: Some(attachment::link_probe()),
+                pod: attachment::PodRef::from_args(&env.args),
             };
             let got = attachment::begin(pool, &owner(env), &req)?;
             Ok(Addressing {

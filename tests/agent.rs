@@ -171,6 +171,7 @@ fn three_nodes_route_pods_to_each_other_and_follow_node_changes() {
                 &format!("{prefix}-{n}"),
                 &format!("{n}-c{k}"),
                 &pod,
+                None,
             );
             pods.push((n.to_string(), pod, result_ips(&r)[0].clone()));
         }

@@ -306,14 +306,59 @@ impl World {
         self.api.as_ref().unwrap()
     }
 
-    /// A pod: CNI ADD on its node, a server in it, its Pod object in the API.
+    /// A pod as Kubernetes makes one: its Pod object, then its CNI ADD on its node and a server
+    /// in it, then kubelet's status update with its addresses.
     fn add_pod(&mut self, ns: &str, name: &str, node: &str, labels: Value) {
+        self.add_pod_scheduled(ns, name, node, labels);
+        self.report_status(ns, name);
+    }
+
+    /// kubelet's status update: the Pod object gets its addresses and phase Running.
+    fn report_status(&mut self, ns: &str, name: &str) {
+        let k = (ns.to_string(), name.to_string());
+        let obj = &self.objects[&k];
+        let full = pod_json(
+            ns,
+            name,
+            obj["spec"]["nodeName"].as_str().unwrap(),
+            obj["metadata"]["labels"].clone(),
+            &self.pods[&k].2,
+        );
+        // The status subresource, as kubelet writes it (a replace of the Pod leaves its status
+        // alone, in the stand-in as in a real API server).
+        self.api().kubectl(&[
+            "patch",
+            "pod",
+            "-n",
+            ns,
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &json!({"status": full["status"]}).to_string(),
+        ]);
+        self.objects.insert(k, full);
+    }
+
+    /// A pod scheduled (its Pod object without addresses, as the scheduler leaves it), its
+    /// CNI ADD done and its server running, before kubelet reports its status. Its addresses.
+    fn add_pod_scheduled(
+        &mut self,
+        ns: &str,
+        name: &str,
+        node: &str,
+        labels: Value,
+    ) -> Vec<String> {
+        let mut obj = pod_json(ns, name, node, labels, &["-".to_string()]);
+        obj["status"] = json!({"phase": "Pending"});
+        self.api().apply(&obj);
         let netns = self.ns(&format!("{ns}{name}"));
         let r = add_pod_with_conflist(
             &self.dir.join(node),
             &self.node_ns(node),
             &format!("{ns}-{name}"),
             &netns,
+            Some((ns, name)),
         );
         let ips = result_ips(&r);
         assert_eq!(ips.len(), 2, "{r}");
@@ -322,11 +367,10 @@ impl World {
             "the pod's servers",
         );
         self.children.push(server);
-        let obj = pod_json(ns, name, node, labels, &ips);
-        self.api().apply(&obj);
         self.objects.insert((ns.into(), name.into()), obj);
         self.pods
-            .insert((ns.into(), name.into()), (netns, node.into(), ips));
+            .insert((ns.into(), name.into()), (netns, node.into(), ips.clone()));
+        ips
     }
 
     fn relabel_pod(&mut self, ns: &str, name: &str, labels: Value) {
@@ -970,6 +1014,38 @@ fn network_policy_truth_tables() {
     check(
         &w,
         "deny y/a, and new y/d labelled a",
+        &deny_a,
+        &ns,
+        0,
+        &PORTS,
+    );
+    // A new pod is isolated before kubelet reports its addresses: n1's agent takes them from
+    // the attachment record its CNI ADD wrote (CNI_ARGS names the pod), not from the status.
+    let t = Instant::now();
+    let ips = w.add_pod_scheduled("y", "e", "n1", json!({"pod": "a"}));
+    let added = t.elapsed();
+    let n1 = w.node_ns("n1");
+    let in_vmap = |ip: &str, map: &str| {
+        out(&n1, &["nft", "list", "map", "inet", "pontoon_policy", map]).contains(ip)
+    };
+    wait_for("y/e isolated from its record", || {
+        in_vmap(&ips[0], "in4") && in_vmap(&ips[1], "in6")
+    });
+    let isolated = t.elapsed() - added;
+    eprintln!("y/e: ADD {added:?}, then isolated after {isolated:?}, its status never reported");
+    assert!(
+        isolated < Duration::from_secs(1),
+        "y/e, with no addresses in its status, was isolated only {isolated:?} after its ADD"
+    );
+    let xb = ("x".to_string(), "b".to_string());
+    assert!(
+        !w.probe_one(&xb, &format!("tcp/80@{}", ips[0])),
+        "y/e (labelled a, under deny-a) answers x/b before its status is reported"
+    );
+    w.report_status("y", "e");
+    check(
+        &w,
+        "deny y/a, new y/e isolated before its status",
         &deny_a,
         &ns,
         0,

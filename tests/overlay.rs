@@ -111,7 +111,7 @@ impl Cluster {
     /// A dual-stack pod on `node` (with the conflist its agent wrote): (netns, [v4, v6]).
     fn pod(&mut self, node: &str, name: &str) -> (String, Vec<String>) {
         let pod = self.ns(name);
-        let r = add_pod_with_conflist(&self.node_dir(node), &self.node_ns(node), name, &pod);
+        let r = add_pod_with_conflist(&self.node_dir(node), &self.node_ns(node), name, &pod, None);
         let ips = result_ips(&r);
         assert_eq!(ips.len(), 2, "a dual-stack pod: {r}");
         (pod, ips)

@@ -20,6 +20,7 @@
 pub mod http;
 #[cfg(feature = "kube")]
 pub mod kube;
+pub mod local_pods;
 pub mod metrics;
 pub mod nodes;
 pub mod overlay;
@@ -317,14 +318,25 @@ fn log_pass(p: &Pass) {
 fn enforce_policies(
     enforcer: &mut crate::policy::nft::Enforcer,
     source: &mut dyn NodeSource,
+    local: &mut local_pods::LocalPods,
     node: &str,
     problems: &mut Vec<Problem>,
 ) {
     match source.policy_cluster() {
         None => {}
         Some(Err(e)) => problems.push(Problem::new("network policy", "policy", e)),
-        Some(Ok(cluster)) => {
+        Some(Ok(mut cluster)) => {
             let t = Instant::now();
+            // New pods whose status does not carry their addresses yet: from their records.
+            match local.get() {
+                Ok(l) => {
+                    let n = crate::policy::fill_from_records(&mut cluster, node, &l);
+                    if n > 0 {
+                        log::debug!("network policy: {n} pod(s) addressed from their records");
+                    }
+                }
+                Err(e) => problems.push(Problem::new("attachment records", "policy", e)),
+            }
             let rules = crate::policy::compile(&cluster, node);
             let compiled = t.elapsed();
             match enforcer.sync(&rules) {
@@ -420,7 +432,7 @@ pub fn run(opts: Options, mut source: Box<dyn NodeSource>) -> Result<i32> {
     if let Err(e) = watch_firewall(tx.clone()) {
         log::warn!("{e}: the firewall state is checked every interval only");
     }
-    source.subscribe(tx);
+    source.subscribe(tx.clone());
     log::info!(
         "pontoon agent on node {} ({}), every {:?}",
         opts.node_name,
@@ -428,6 +440,14 @@ pub fn run(opts: Options, mut source: Box<dyn NodeSource>) -> Result<i32> {
         opts.interval
     );
     let mut enforcer = crate::policy::nft::Enforcer::default();
+    let mut local = local_pods::LocalPods::new(
+        opts.install
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(crate::ipam::DEFAULT_DATA_DIR)),
+        opts.install.network.clone(),
+        tx.clone(),
+    );
     if !opts.network_policy {
         match enforcer.remove() {
             Ok(true) => log::info!("NetworkPolicy enforcement is off: removed its table"),
@@ -460,6 +480,7 @@ pub fn run(opts: Options, mut source: Box<dyn NodeSource>) -> Result<i32> {
             enforce_policies(
                 &mut enforcer,
                 source.as_mut(),
+                &mut local,
                 &opts.node_name,
                 &mut problems,
             );

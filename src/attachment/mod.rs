@@ -52,6 +52,31 @@ pub struct Record {
     /// How its host veth sits on the bridge, when anything beyond the default was asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<Port>,
+    /// The Kubernetes pod it is for (`CNI_ARGS` `K8S_POD_NAMESPACE`, `K8S_POD_NAME`,
+    /// `K8S_POD_UID`), so the node agent knows a new pod's addresses before kubelet reports
+    /// them in the Pod's status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+}
+
+/// A Kubernetes pod, as the runtime names it in `CNI_ARGS`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+impl PodRef {
+    /// From `CNI_ARGS`; `None` unless both the namespace and the name are given.
+    pub fn from_args(args: &crate::cni::env::CniArgs) -> Option<PodRef> {
+        Some(PodRef {
+            namespace: args.get("K8S_POD_NAMESPACE")?.to_string(),
+            name: args.get("K8S_POD_NAME")?.to_string(),
+            uid: args.get("K8S_POD_UID").map(str::to_string),
+        })
+    }
 }
 
 /// The bridge-port settings of an attachment. Everything but the MAC spoof check lives on the
@@ -227,6 +252,8 @@ pub struct Request<'a> {
     pub host_veth: Option<&'a str>,
     /// Lets a full pool reclaim stale attachments first; `None` disables reclaiming.
     pub alive: Option<LinkProbe>,
+    /// The Kubernetes pod it is for, when the runtime said.
+    pub pod: Option<PodRef>,
 }
 
 /// What ADD's first step got.
@@ -320,6 +347,7 @@ fn begin_locked(
         lease: req.host_veth.map(|_| Lease::now()),
         boot_id: boot_id().map(str::to_string),
         port: None,
+        pod: req.pod.clone(),
     };
     // The record first, then the address files it lists (see store.rs).
     store.write_record(owner, &rec)?;

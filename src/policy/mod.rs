@@ -88,6 +88,7 @@ impl Selector {
 pub struct Pod {
     pub namespace: String,
     pub name: String,
+    pub uid: String,
     pub node: String,
     pub labels: BTreeMap<String, String>,
     pub ips: Vec<IpAddr>,
@@ -117,8 +118,10 @@ fn labels_of(v: &Value) -> BTreeMap<String, String> {
 }
 
 impl Pod {
-    /// From a Pod object; `None` for a pod without addresses or that is finished (its
-    /// addresses may already belong to another pod).
+    /// From a Pod object; `None` for a pod that is finished (its addresses may already belong
+    /// to another pod) or not yet scheduled with no addresses. A scheduled pod without
+    /// addresses in its status is kept: its node's agent learns them from the attachment
+    /// record (see [`fill_from_records`]).
     pub fn from_json(v: &Value) -> Option<Pod> {
         let phase = v["status"]["phase"].as_str().unwrap_or_default();
         if phase == "Succeeded" || phase == "Failed" {
@@ -135,7 +138,8 @@ impl Pod {
         {
             ips.push(ip);
         }
-        if ips.is_empty() {
+        let node = v["spec"]["nodeName"].as_str().unwrap_or_default();
+        if ips.is_empty() && node.is_empty() {
             return None;
         }
         let mut ports = vec![];
@@ -156,10 +160,11 @@ impl Pod {
                 .unwrap_or("default")
                 .to_string(),
             name: v["metadata"]["name"].as_str()?.to_string(),
-            node: v["spec"]["nodeName"]
+            uid: v["metadata"]["uid"]
                 .as_str()
                 .unwrap_or_default()
                 .to_string(),
+            node: node.to_string(),
             labels: labels_of(v),
             ips,
             host_network: v["spec"]["hostNetwork"].as_bool().unwrap_or(false),
@@ -590,6 +595,36 @@ fn rule_boxes(
     boxes
 }
 
+/// Gives the pods of node `node` whose Pod object carries no addresses yet the addresses of
+/// their attachment records (`local`: what the CNI ADDs on this node recorded). kubelet
+/// reports a pod's addresses only after its sandbox's ADD returned and the status update
+/// reached the API server and the agent's watch; the record exists before the pod's veth
+/// does, so a new pod is judged by its policies from its first packet. A record names the pod
+/// by namespace and name, and by uid when the runtime passed it: a record of an earlier pod of
+/// the same name (a StatefulSet's) is not taken for the new one.
+pub fn fill_from_records(
+    c: &mut Cluster,
+    node: &str,
+    local: &[(crate::attachment::PodRef, Vec<IpAddr>)],
+) -> usize {
+    let mut filled = 0;
+    for (r, ips) in local {
+        let key = (r.namespace.clone(), r.name.clone());
+        let Some(p) = c.pods.get_mut(&key) else {
+            continue;
+        };
+        let same_pod = match &r.uid {
+            Some(uid) => p.uid.is_empty() || *uid == p.uid,
+            None => true,
+        };
+        if p.node == node && p.ips.is_empty() && same_pod && !ips.is_empty() {
+            p.ips = ips.clone();
+            filled += 1;
+        }
+    }
+    filled
+}
+
 /// What the policies mean for the pods of node `node` (hostNetwork pods are never subject).
 ///
 /// A rule's peers are resolved once per compile, not once per pod it selects, and pods that
@@ -605,7 +640,7 @@ pub fn compile(c: &Cluster, node: &str) -> BTreeMap<(String, String), PodRules> 
     for (key, pod) in c
         .pods
         .iter()
-        .filter(|(_, p)| p.node == node && !p.host_network)
+        .filter(|(_, p)| p.node == node && !p.host_network && !p.ips.is_empty())
     {
         let selecting: Vec<(&PolicyKey, &Policy)> = c
             .policies
@@ -718,6 +753,58 @@ mod tests {
                 && c.port.0 <= port
                 && port <= c.port.1
         })
+    }
+
+    #[test]
+    fn a_new_pod_is_addressed_from_its_record_until_its_status_says() {
+        let deny = json!({"metadata": {"namespace": "x", "name": "deny"},
+            "spec": {"podSelector": {}}});
+        let mut c = cluster(vec![deny]);
+        // Scheduled on n1, its ADD done, its status not updated yet.
+        let new = json!({"metadata": {"namespace": "x", "name": "c", "uid": "u2",
+            "labels": {"pod": "c"}}, "spec": {"nodeName": "n1"}, "status": {"phase": "Pending"}});
+        let p = Pod::from_json(&new).unwrap();
+        assert!(p.ips.is_empty());
+        c.pods.insert(("x".into(), "c".into()), p);
+        // Not yet scheduled: nothing to keep.
+        assert!(Pod::from_json(&json!({"metadata": {"namespace": "x", "name": "d"}})).is_none());
+        let key = ("x".to_string(), "c".to_string());
+        assert!(
+            !compile(&c, "n1").contains_key(&key),
+            "no addresses, no rules"
+        );
+        let rec = |ns: &str, name: &str, uid: Option<&str>, ip: &str| {
+            (
+                crate::attachment::PodRef {
+                    namespace: ns.into(),
+                    name: name.into(),
+                    uid: uid.map(str::to_string),
+                },
+                vec![ip.parse::<IpAddr>().unwrap()],
+            )
+        };
+        // A record of an earlier pod of the same name (another uid) is not this pod's; records
+        // of pods the API already addresses change nothing.
+        let local = vec![
+            rec("x", "c", Some("u1"), "10.0.0.9"),
+            rec("x", "a", None, "10.0.0.99"),
+        ];
+        assert_eq!(fill_from_records(&mut c, "n1", &local), 0);
+        assert_eq!(
+            c.pods[&("x".to_string(), "a".to_string())].ips[0].to_string(),
+            "10.0.0.1"
+        );
+        // Another node's agent does not take this node's records.
+        let local = vec![rec("x", "c", Some("u2"), "10.0.0.3")];
+        assert_eq!(fill_from_records(&mut c.clone(), "n2", &local), 0);
+        assert_eq!(fill_from_records(&mut c, "n1", &local), 1);
+        let rules = compile(&c, "n1");
+        assert_eq!(rules[&key].ips, local[0].1);
+        let isolated = rules[&key].ingress.as_ref().expect("isolated for ingress");
+        assert!(
+            isolated.values().all(|cells| cells.is_empty()),
+            "deny-all: nothing allowed"
+        );
     }
 
     #[test]

@@ -654,8 +654,15 @@ pub fn run_list(
 }
 
 /// Runs the plugin (ADD, `eth0`) in node namespace `node_ns` with the conflist an agent wrote
-/// under `node_dir` (`net.d/10-pontoon.conflist`, the binary in `bin/`), as a runtime would.
-pub fn add_pod_with_conflist(node_dir: &Path, node_ns: &str, cid: &str, pod: &str) -> Value {
+/// under `node_dir` (`net.d/10-pontoon.conflist`, the binary in `bin/`), as a runtime would;
+/// `k8s` names the Kubernetes pod (namespace, name) in `CNI_ARGS` as containerd and CRI-O do.
+pub fn add_pod_with_conflist(
+    node_dir: &Path,
+    node_ns: &str,
+    cid: &str,
+    pod: &str,
+    k8s: Option<(&str, &str)>,
+) -> Value {
     let list: Value =
         serde_json::from_slice(&std::fs::read(node_dir.join("net.d/10-pontoon.conflist")).unwrap())
             .unwrap();
@@ -663,10 +670,17 @@ pub fn add_pod_with_conflist(node_dir: &Path, node_ns: &str, cid: &str, pod: &st
     conf["name"] = list["name"].clone();
     conf["cniVersion"] = list["cniVersion"].clone();
     let netns = format!("/var/run/netns/{pod}");
+    let args = k8s.map_or(String::new(), |(ns, name)| {
+        format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};\
+             K8S_POD_INFRA_CONTAINER_ID={cid}"
+        )
+    });
     let env = [
         ("CNI_CONTAINERID", cid),
         ("CNI_NETNS", netns.as_str()),
         ("CNI_IFNAME", "eth0"),
+        ("CNI_ARGS", args.as_str()),
     ];
     cni_exec(
         node_ns,
