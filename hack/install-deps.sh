@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need=()
-for pkg in iproute2 iputils-ping nftables iptables jq python3 procps util-linux containernetworking-plugins iperf3; do
+for pkg in iproute2 iputils-ping nftables iptables jq python3 procps util-linux containernetworking-plugins iperf3 ethtool; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then

@@ -765,9 +765,14 @@ fn an_ipv6_only_underlay_carries_both_families_from_a_nodes_file() {
     )
     .unwrap();
     let f = file.to_str().unwrap().to_string();
-    for n in 1..=2 {
-        c.start_agent(&format!("n{n}"), &["--nodes-file", &f], &[]);
-    }
+    // n2 turns its device's transmit checksum offload off (the old-kernel switch); n1 keeps
+    // the kernel's default. Traffic must flow both ways either way.
+    c.start_agent("n1", &["--nodes-file", &f], &[]);
+    c.start_agent(
+        "n2",
+        &["--nodes-file", &f],
+        &["--vxlan-checksum-offload", "false"],
+    );
     for n in 1..=2 {
         let f = c.conflist(&format!("n{n}"));
         wait_for(&format!("n{n}'s conflist"), || f.exists());
@@ -797,6 +802,15 @@ fn an_ipv6_only_underlay_carries_both_families_from_a_nodes_file() {
         r.contains("10.244.1.0/24 via 10.244.1.0 dev pontoon.vxlan6")
             && r.contains("fd00:10:244:1::/64 via fd00:10:244:1:: dev pontoon.vxlan6")
     });
+    let tx_csum = |node: &str| {
+        let k = out(node, &["ethtool", "-k", "pontoon.vxlan6"]);
+        k.lines()
+            .find(|l| l.starts_with("tx-checksumming:"))
+            .unwrap_or_else(|| panic!("no tx-checksumming in ethtool -k: {k}"))
+            .to_string()
+    };
+    assert!(tx_csum(&n1).contains(": on"), "n1: {}", tx_csum(&n1));
+    assert!(tx_csum(&n2).contains(": off"), "n2: {}", tx_csum(&n2));
     // A nodes file carries no annotations: both sides derive the same MAC from the name.
     let e = overlay_entries(&n1, "pontoon.vxlan6");
     assert!(
