@@ -313,51 +313,64 @@ fn log_pass(p: &Pass) {
     }
 }
 
-/// Compiles the cluster's NetworkPolicies for this node's pods and makes the kernel enforce
-/// them (nothing when the source does not watch policies).
-fn enforce_policies(
-    enforcer: &mut crate::policy::nft::Enforcer,
-    source: &mut dyn NodeSource,
-    local: &mut local_pods::LocalPods,
-    node: &str,
-    problems: &mut Vec<Problem>,
-) {
-    match source.policy_cluster() {
-        None => {}
-        Some(Err(e)) => problems.push(Problem::new("network policy", "policy", e)),
-        Some(Ok(mut cluster)) => {
-            let t = Instant::now();
-            // New pods whose status does not carry their addresses yet: from their records.
-            match local.get() {
-                Ok(l) => {
-                    let n = crate::policy::fill_from_records(&mut cluster, node, &l);
-                    if n > 0 {
-                        log::debug!("network policy: {n} pod(s) addressed from their records");
-                    }
+/// The policy step: the cluster's NetworkPolicies compiled for this node's pods and enforced.
+struct PolicyStep {
+    enforcer: crate::policy::nft::Enforcer,
+    local: local_pods::LocalPods,
+    /// The cluster last compiled (after [`crate::policy::fill_from_records`]) and its rules: an
+    /// unchanged cluster (a record rewritten by an ADD's completion, a Pod's status update
+    /// that changes nothing the policies read, the step's own table events) is not compiled
+    /// again, only checked against the kernel.
+    last: Option<(
+        crate::policy::Cluster,
+        BTreeMap<(String, String), crate::policy::PodRules>,
+    )>,
+}
+
+impl PolicyStep {
+    /// Compiles (when the cluster changed) and makes the kernel enforce the rules; nothing when
+    /// the source does not watch policies.
+    fn run(&mut self, source: &mut dyn NodeSource, node: &str, problems: &mut Vec<Problem>) {
+        let mut cluster = match source.policy_cluster() {
+            None => return,
+            Some(Err(e)) => return problems.push(Problem::new("network policy", "policy", e)),
+            Some(Ok(c)) => c,
+        };
+        let t = Instant::now();
+        // New pods whose status does not carry their addresses yet: from their records.
+        match self.local.get() {
+            Ok(l) => {
+                let n = crate::policy::fill_from_records(&mut cluster, node, &l);
+                if n > 0 {
+                    log::debug!("network policy: {n} pod(s) addressed from their records");
                 }
-                Err(e) => problems.push(Problem::new("attachment records", "policy", e)),
             }
-            let rules = crate::policy::compile(&cluster, node);
-            let compiled = t.elapsed();
-            match enforcer.sync(&rules) {
-                Ok(s) if s.rebuilt => log::info!(
-                    "network policy: table {} made, {} pod(s) isolated (compiled in {compiled:?}, \
-                     applied in {:?})",
-                    crate::policy::nft::TABLE,
-                    s.isolated,
-                    t.elapsed() - compiled
-                ),
-                Ok(s) if s.pods_changed > 0 => log::info!(
-                    "network policy: {} pod(s) changed, {} isolated (compiled in {compiled:?}, \
-                     applied in {:?})",
-                    s.pods_changed,
-                    s.isolated,
-                    t.elapsed() - compiled
-                ),
-                Ok(_) => {}
-                Err(e) => problems.push(Problem::new("network policy", "policy", e)),
-            }
+            Err(e) => problems.push(Problem::new("attachment records", "policy", e)),
         }
+        let rules = match self.last.take() {
+            Some((c, rules)) if c == cluster => rules,
+            _ => crate::policy::compile(&cluster, node),
+        };
+        let compiled = t.elapsed();
+        match self.enforcer.sync(&rules) {
+            Ok(s) if s.rebuilt => log::info!(
+                "network policy: table {} made, {} pod(s) isolated (compiled in {compiled:?}, \
+                 applied in {:?})",
+                crate::policy::nft::TABLE,
+                s.isolated,
+                t.elapsed() - compiled
+            ),
+            Ok(s) if s.pods_changed > 0 => log::info!(
+                "network policy: {} pod(s) changed, {} isolated (compiled in {compiled:?}, \
+                 applied in {:?})",
+                s.pods_changed,
+                s.isolated,
+                t.elapsed() - compiled
+            ),
+            Ok(_) => {}
+            Err(e) => problems.push(Problem::new("network policy", "policy", e)),
+        }
+        self.last = Some((cluster, rules));
     }
 }
 
@@ -439,17 +452,20 @@ pub fn run(opts: Options, mut source: Box<dyn NodeSource>) -> Result<i32> {
         source.describe(),
         opts.interval
     );
-    let mut enforcer = crate::policy::nft::Enforcer::default();
-    let mut local = local_pods::LocalPods::new(
-        opts.install
-            .data_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(crate::ipam::DEFAULT_DATA_DIR)),
-        opts.install.network.clone(),
-        tx.clone(),
-    );
+    let mut policy = PolicyStep {
+        enforcer: crate::policy::nft::Enforcer::default(),
+        local: local_pods::LocalPods::new(
+            opts.install
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(crate::ipam::DEFAULT_DATA_DIR)),
+            opts.install.network.clone(),
+            tx.clone(),
+        ),
+        last: None,
+    };
     if !opts.network_policy {
-        match enforcer.remove() {
+        match policy.enforcer.remove() {
             Ok(true) => log::info!("NetworkPolicy enforcement is off: removed its table"),
             Ok(false) => {}
             Err(e) => log::warn!("NetworkPolicy enforcement is off but its table stays: {e}"),
@@ -477,13 +493,7 @@ pub fn run(opts: Options, mut source: Box<dyn NodeSource>) -> Result<i32> {
         }
         let mut problems = whole_problems.clone();
         if opts.network_policy {
-            enforce_policies(
-                &mut enforcer,
-                source.as_mut(),
-                &mut local,
-                &opts.node_name,
-                &mut problems,
-            );
+            policy.run(source.as_mut(), &opts.node_name, &mut problems);
         }
         // Each problem is logged when it appears or changes, and once more when it is gone.
         let now: BTreeMap<String, String> = problems

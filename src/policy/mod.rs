@@ -322,7 +322,7 @@ impl Policy {
 }
 
 /// The cluster as the agent keeps it.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Cluster {
     pub pods: BTreeMap<(String, String), Pod>,
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
