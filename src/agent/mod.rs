@@ -321,10 +321,7 @@ struct PolicyStep {
     /// unchanged cluster (a record rewritten by an ADD's completion, a Pod's status update
     /// that changes nothing the policies read, the step's own table events) is not compiled
     /// again, only checked against the kernel.
-    last: Option<(
-        crate::policy::Cluster,
-        BTreeMap<(String, String), crate::policy::PodRules>,
-    )>,
+    last: Option<(crate::policy::Cluster, crate::policy::Rules)>,
 }
 
 impl PolicyStep {

@@ -625,13 +625,16 @@ pub fn fill_from_records(
     filled
 }
 
+/// The rules of each isolated pod of a node, by (namespace, name).
+pub type Rules = BTreeMap<(String, String), PodRules>;
+
 /// What the policies mean for the pods of node `node` (hostNetwork pods are never subject).
 ///
 /// A rule's peers are resolved once per compile, not once per pod it selects, and pods that
 /// the same policies select (and, where ingress rules name ports, with the same named ports)
 /// share one computation of their cells: a compile costs per distinct group of pods, not per
 /// pod times cluster size.
-pub fn compile(c: &Cluster, node: &str) -> BTreeMap<(String, String), PodRules> {
+pub fn compile(c: &Cluster, node: &str) -> Rules {
     type PolicyKey = (String, String);
     let mut peers: HashMap<(&PolicyKey, bool, usize), Peers> = HashMap::new();
     type Group<'c> = (bool, Vec<&'c PolicyKey>, Option<&'c [(String, u8, u16)]>);
