@@ -4,9 +4,10 @@
 //! [`crate::policy::fill_from_records`]), so a new pod is isolated from its first packet rather
 //! than from the moment kubelet's status update reaches the agent.
 //!
-//! The records directory is watched with inotify: a record written, rewritten or removed wakes
-//! the policy step ([`Wake::Policy`]) and marks the cache stale; it is read again (one small
-//! file per attachment, without the pool lock) only then.
+//! The records directory is watched with inotify: a record written, rewritten or removed sends
+//! [`Wake::Records`] and marks the cache stale; it is read again (one small file per
+//! attachment, without the pool lock) only then, and the policy step runs only when what the
+//! records say of pods changed (not for an ADD's completion, nor for attachments of no pod).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -68,11 +69,18 @@ impl LocalPods {
             .name("records-watch".into())
             .spawn(move || {
                 while let Ok(events) = ino.read_events() {
-                    if events.is_empty() {
+                    // Only records, not the temporaries their atomic writes go through.
+                    let records = events.iter().any(|e| {
+                        e.name
+                            .as_ref()
+                            .and_then(|n| n.to_str())
+                            .is_none_or(|n| Owner::from_index_name(n).is_some())
+                    });
+                    if !records {
                         continue;
                     }
                     stale.store(true, Ordering::Release);
-                    if wake.send(Wake::Policy).is_err() {
+                    if wake.send(Wake::Records).is_err() {
                         return;
                     }
                 }
@@ -84,11 +92,12 @@ impl LocalPods {
         Ok(())
     }
 
-    /// The pods the records name, read again when a record changed since the last call (the
-    /// first call starts the watch). A record caught mid-rewrite (unreadable) keeps what was
-    /// read of it before.
-    pub fn get(&mut self) -> Result<Vec<(PodRef, Vec<IpAddr>)>> {
+    /// Reads the records again if one changed since the last call (the first call starts the
+    /// watch); whether what they say of pods changed. A record caught mid-rewrite (unreadable)
+    /// keeps what was read of it before.
+    pub fn refresh(&mut self) -> Result<bool> {
         self.watch()?;
+        let before = self.pods.clone();
         if self.stale.swap(false, Ordering::AcqRel) {
             let store = Store::unlocked(&self.data_dir, &self.network);
             let mut next = BTreeMap::new();
@@ -108,7 +117,12 @@ impl LocalPods {
             }
             self.pods = next;
         }
-        Ok(self.pods.values().cloned().collect())
+        Ok(self.pods != before)
+    }
+
+    /// The pods the records name, as last read.
+    pub fn pods(&self) -> Vec<(PodRef, Vec<IpAddr>)> {
+        self.pods.values().cloned().collect()
     }
 }
 
@@ -123,7 +137,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let (tx, rx) = std::sync::mpsc::channel();
         let mut lp = LocalPods::new(dir.clone(), "net".into(), tx);
-        assert!(lp.get().unwrap().is_empty());
+        assert!(!lp.refresh().unwrap(), "nothing yet");
+        assert!(lp.pods().is_empty());
         let store = Store::unlocked(&dir, "net");
         let owner = Owner {
             container_id: "c1".into(),
@@ -140,21 +155,39 @@ mod tests {
             ..Default::default()
         };
         store.write_record(&owner, &rec).unwrap();
-        assert_eq!(
-            rx.recv_timeout(std::time::Duration::from_secs(5)),
-            Ok(Wake::Policy)
-        );
-        assert_eq!(lp.get().unwrap(), vec![(pod, rec.ips.clone())]);
+        let wait = || {
+            assert_eq!(
+                rx.recv_timeout(std::time::Duration::from_secs(5)),
+                Ok(Wake::Records)
+            );
+            // The rest of a burst.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            while rx.try_recv().is_ok() {}
+        };
+        wait();
+        assert!(lp.refresh().unwrap(), "a new pod");
+        assert_eq!(lp.pods(), vec![(pod.clone(), rec.ips.clone())]);
+        // The same record written again (an ADD's completion): no change.
+        store.rewrite_record(&owner, &rec).unwrap();
+        wait();
+        assert!(!lp.refresh().unwrap());
         // A torn record keeps what was read of it.
         std::fs::write(dir.join("net/.pontoon/attachments/c1:eth0"), b"{\"ips\":").unwrap();
-        assert!(rx.recv_timeout(std::time::Duration::from_secs(5)).is_ok());
-        assert_eq!(lp.get().unwrap().len(), 1);
+        wait();
+        assert!(!lp.refresh().unwrap());
+        assert_eq!(lp.pods().len(), 1);
+        // A record of no pod (an attachment of another runtime) changes nothing.
+        let other = Owner {
+            container_id: "c2".into(),
+            ifname: "eth0".into(),
+        };
+        store.write_record(&other, &Record::default()).unwrap();
+        wait();
+        assert!(!lp.refresh().unwrap());
         store.remove_record(&owner).unwrap();
-        assert!(rx.recv_timeout(std::time::Duration::from_secs(5)).is_ok());
-        // Drain the events of the writes above before asking.
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        while rx.try_recv().is_ok() {}
-        assert!(lp.get().unwrap().is_empty());
+        wait();
+        assert!(lp.refresh().unwrap(), "the pod's record gone");
+        assert!(lp.pods().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

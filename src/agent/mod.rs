@@ -76,6 +76,9 @@ pub enum Wake {
     /// table: only the policy step runs, so a change is enforced in milliseconds rather than
     /// after the install, firewall, pool and route steps.
     Policy,
+    /// An attachment record changed: the policy step runs if what the records say of pods
+    /// did.
+    Records,
     Stop,
 }
 
@@ -335,14 +338,12 @@ impl PolicyStep {
         };
         let t = Instant::now();
         // New pods whose status does not carry their addresses yet: from their records.
-        match self.local.get() {
-            Ok(l) => {
-                let n = crate::policy::fill_from_records(&mut cluster, node, &l);
-                if n > 0 {
-                    log::debug!("network policy: {n} pod(s) addressed from their records");
-                }
-            }
-            Err(e) => problems.push(Problem::new("attachment records", "policy", e)),
+        if let Err(e) = self.local.refresh() {
+            problems.push(Problem::new("attachment records", "policy", e));
+        }
+        let n = crate::policy::fill_from_records(&mut cluster, node, &self.local.pods());
+        if n > 0 {
+            log::debug!("network policy: {n} pod(s) addressed from their records");
         }
         let rules = match self.last.take() {
             Some((c, rules)) if c == cluster => rules,
@@ -539,17 +540,30 @@ pub fn run(opts: Options, mut source: Box<dyn NodeSource>) -> Result<i32> {
             };
         }
         // Sleep until the interval is up or something happens; a burst of events is one wake.
-        let deadline = last_whole + opts.interval;
-        let woke = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
-        let mut stop = woke == Ok(Wake::Stop) || woke == Err(RecvTimeoutError::Disconnected);
-        whole = !matches!(woke, Ok(Wake::Policy));
-        if woke.is_ok() && !stop {
-            std::thread::sleep(Duration::from_millis(20));
-            for w in rx.try_iter() {
-                stop |= w == Wake::Stop;
-                whole |= w != Wake::Policy;
+        // A burst of record changes alone that changes nothing the records say of pods (an
+        // ADD's completion, an attachment of no pod) is slept through.
+        let stop = loop {
+            let deadline = last_whole + opts.interval;
+            let woke = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+            let mut stop = woke == Ok(Wake::Stop) || woke == Err(RecvTimeoutError::Disconnected);
+            let partial = |w: &Wake| matches!(w, Wake::Policy | Wake::Records);
+            whole = !woke.as_ref().is_ok_and(partial);
+            let mut records_only = woke == Ok(Wake::Records);
+            if woke.is_ok() && !stop {
+                std::thread::sleep(Duration::from_millis(20));
+                for w in rx.try_iter() {
+                    stop |= w == Wake::Stop;
+                    whole |= !partial(&w);
+                    records_only &= w == Wake::Records;
+                }
             }
-        }
+            if stop || !records_only || !opts.network_policy {
+                break stop;
+            }
+            if policy.local.refresh().unwrap_or(true) {
+                break false;
+            }
+        };
         if stop {
             log::info!("signal received: exiting, routes and rules stay in place");
             return Ok(0);
