@@ -202,7 +202,17 @@ fn a_hung_lock_holder_makes_adds_fail_fast_with_code_11() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    // Stop the holder only once it holds the lock (a loaded machine may take a while).
+    wait_for("flock to take the pool lock", || {
+        let f = std::fs::File::open(&lock).unwrap();
+        match f.try_lock() {
+            Ok(()) => {
+                f.unlock().unwrap();
+                false
+            }
+            Err(_) => true,
+        }
+    });
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(holder.id() as i32),
         nix::sys::signal::Signal::SIGSTOP,
