@@ -69,13 +69,18 @@ fn pod_json(ns: &str, name: &str, node: &str, labels: Value, ips: &[String]) -> 
     let port =
         |n: &str, p: u16, proto: &str| json!({"name": n, "containerPort": p, "protocol": proto});
     json!({"kind": "Pod", "apiVersion": "v1",
-        "metadata": {"namespace": ns, "name": name, "labels": labels},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "none", "ports": [
-            port("serve-80-tcp", 80, "TCP"), port("serve-81-tcp", 81, "TCP"),
-            port("serve-80-udp", 80, "UDP"), port("serve-81-udp", 81, "UDP"),
-            port("dns", 53, "UDP")]}]},
-        "status": {"phase": "Running", "podIP": ips[0],
-                   "podIPs": ips.iter().map(|i| json!({"ip": i})).collect::<Vec<_>>()}})
+    "metadata": {"namespace": ns, "name": name, "labels": labels},
+    "spec": {"nodeName": node, "containers": [{"name": "c", "image": "none", "ports": [
+        port("serve-80-tcp", 80, "TCP"), port("serve-81-tcp", 81, "TCP"),
+        port("serve-80-udp", 80, "UDP"), port("serve-81-udp", 81, "UDP"),
+        port("dns", 53, "UDP")]}]},
+    "status": if ips.is_empty() {
+        // Scheduled, not yet reported by kubelet.
+        json!({"phase": "Pending"})
+    } else {
+        json!({"phase": "Running", "podIP": ips[0],
+               "podIPs": ips.iter().map(|i| json!({"ip": i})).collect::<Vec<_>>()})
+    }})
 }
 
 fn ns_json(name: &str, labels: Value) -> Value {
@@ -349,8 +354,7 @@ impl World {
         node: &str,
         labels: Value,
     ) -> Vec<String> {
-        let mut obj = pod_json(ns, name, node, labels, &["-".to_string()]);
-        obj["status"] = json!({"phase": "Pending"});
+        let obj = pod_json(ns, name, node, labels, &[]);
         self.api().apply(&obj);
         let netns = self.ns(&format!("{ns}{name}"));
         let r = add_pod_with_conflist(

@@ -87,8 +87,6 @@ impl LocalPods {
             })
             .map_err(|e| Error::io("cannot start the records watch thread", e))?;
         self.watching = true;
-        // Whatever was written before the watch began is read at the next `get`.
-        self.stale.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -97,27 +95,28 @@ impl LocalPods {
     /// keeps what was read of it before.
     pub fn refresh(&mut self) -> Result<bool> {
         self.watch()?;
-        let before = self.pods.clone();
-        if self.stale.swap(false, Ordering::AcqRel) {
-            let store = Store::unlocked(&self.data_dir, &self.network);
-            let mut next = BTreeMap::new();
-            for (owner, rec) in store.records()? {
-                match rec {
-                    Stored::Ok(r) => {
-                        if let Some(p) = r.pod {
-                            next.insert(owner, (p, r.ips));
-                        }
+        // Stale from the start: what was written before the watch began is read too.
+        if !self.stale.swap(false, Ordering::AcqRel) {
+            return Ok(false);
+        }
+        let mut next = BTreeMap::new();
+        for (owner, rec) in Store::unlocked(&self.data_dir, &self.network).records()? {
+            match rec {
+                Stored::Ok(r) => {
+                    if let Some(p) = r.pod {
+                        next.insert(owner, (p, r.ips));
                     }
-                    _ => {
-                        if let Some(old) = self.pods.remove(&owner) {
-                            next.insert(owner, old);
-                        }
+                }
+                _ => {
+                    if let Some(old) = self.pods.get(&owner) {
+                        next.insert(owner, old.clone());
                     }
                 }
             }
-            self.pods = next;
         }
-        Ok(self.pods != before)
+        let changed = next != self.pods;
+        self.pods = next;
+        Ok(changed)
     }
 
     /// The pods the records name, as last read.

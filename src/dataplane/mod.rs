@@ -268,32 +268,25 @@ fn create_veth(
         peer_mac: spec.mac,
         master: bridge.index,
     };
-    // Our host end from an earlier ADD of this attachment (replace it: its pod end goes with
-    // it), or CNI_IFNAME is taken inside the pod: by the pod end of a retired pair (a released
-    // attachment whose netns the runtime kept: delete it), or by something else (an error).
-    // The reaper may delete a retired pair between the refusal and the look, so a refusal
-    // with nothing of ours in the way is tried once more before it is an error.
-    let mut refused = false;
-    for attempt in 1.. {
-        match host_nl.create_veth(&v) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                if attempt == 4 {
-                    return Err(veth_error(e, spec.ifname, netns));
-                }
-                if host_nl.del_link_by_name(host_name)? {
-                    log::info!("replaced the existing veth {host_name} of this attachment");
-                } else if !remove_retired_pod_end(host_nl, netns, spec.ifname)? {
-                    if refused {
-                        return Err(veth_error(e, spec.ifname, netns));
-                    }
-                    refused = true;
-                }
+    match host_nl.create_veth(&v) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            // Our host end from an earlier ADD of this attachment (replace it: its pod end goes
+            // with it), or CNI_IFNAME is taken inside the pod: by the pod end of a retired pair
+            // (a released attachment whose netns the runtime kept: delete it), or by something
+            // else (the retry fails). With nothing of ours found, the retry is still made: the
+            // reaper may have deleted a retired pair between the refusal and the look.
+            if host_nl.del_link_by_name(host_name)? {
+                log::info!("replaced the existing veth {host_name} of this attachment");
+            } else {
+                remove_retired_pod_end(host_nl, netns, spec.ifname)?;
             }
-            Err(e) => return Err(veth_error(e, spec.ifname, netns)),
+            host_nl
+                .create_veth(&v)
+                .map_err(|e| veth_error(e, spec.ifname, netns))
         }
+        Err(e) => Err(veth_error(e, spec.ifname, netns)),
     }
-    unreachable!("the loop returns")
 }
 
 /// Deletes `ifname` in the pod if it is the pod end of a retired pontoon veth pair (host end
